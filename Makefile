@@ -1,0 +1,30 @@
+# Each target creates/refreshes the local virtualenv first, so it works on a fresh clone.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# CPU wheel of torch first: an unpinned torch would pull gigabytes of CUDA libraries.
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fastsample demo
+
+test: $(STAMP)
+	# pytest exits 5 when it collects no test; that is not a failure of the code.
+	$(VPY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+bench: $(STAMP)
+	$(VPY) -m pytest --benchmark bench/
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache
