@@ -1,0 +1,5 @@
+"""Training core: one loop for every family (EMA, clipping, autocast, DDP, exact resume)."""
+
+from fastsample.train.loop import StepContext, TrainConfig, TrainingError, train
+
+__all__ = ["StepContext", "TrainConfig", "TrainingError", "train"]
