@@ -335,3 +335,27 @@ def test_vae_bad_inputs():
         Decoder(VAEConfig())(torch.randn(2, 8, 4, 4))
     with pytest.raises(ValueError, match="unknown VAE preset"):
         VAEConfig.preset("celeba")
+
+
+# ---- GPU (run where CUDA exists; skipped elsewhere by tests/conftest.py) ----------------------
+
+@pytest.mark.gpu
+def test_unet_cuda_matches_cpu_and_runs_under_bf16_autocast():
+    cfg = UNetConfig.preset("digits8", in_ch=2, z_dim=8)
+    net = perturb(UNet(cfg))
+    args = (torch.randn(16, 2, 8, 8), _t(16), torch.randn(16, 8))
+    with torch.no_grad():
+        ref = net(*args)
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            out = net.cuda()(*(a.cuda() for a in args))
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-5)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = net(*(a.cuda() for a in args))
+    # bf16 keeps 8 significant bits; the time features stay fp32 (log t of small t needs it).
+    assert torch.isfinite(low).all()
+    rel = (low.float().cpu() - ref).norm() / ref.norm()
+    assert rel < 0.05, float(rel)

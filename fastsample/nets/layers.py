@@ -111,8 +111,8 @@ class TimeEmbedding(nn.Module):
 
 
 class MappingMLP(nn.Module):
-    """DDGAN's z mapping network: z (N, z_dim) -> (N, emb_dim). The paper normalises z first
-    (pixel norm, as StyleGAN) so the embedding's scale does not depend on z_dim."""
+    """DDGAN's z mapping network: z (N, z_dim) -> (N, emb_dim). z is rescaled to unit RMS first
+    (StyleGAN-style pixel norm) so the embedding's scale does not depend on z_dim."""
 
     def __init__(self, z_dim: int, emb_dim: int, num_layers: int = 3):
         super().__init__()
