@@ -1,0 +1,532 @@
+"""Sample-quality metrics: digits (Frechet distance in a small classifier's features, class
+coverage, classifier two-sample test) and 2D point sets (MMD^2, sliced Wasserstein).
+
+The Frechet distance is computed by torchmetrics' FrechetInceptionDistance with our digits
+classifier as its custom feature module, so "FD" here is FID's formula (the squared Frechet
+distance between Gaussians fitted to the features) in a 64-dim feature space, not Inception's.
+The classifier is trained by `python -m fastsample.metrics train-classifier` on the digits train
+split only; its weights and card ship in fastsample/assets/. `python -m fastsample.metrics
+calibrate` measures every digits metric on real test data and on two weak reference models
+(docs/metrics_calibration.md holds the table).
+
+Input rules for digits samples: shape (N,1,8,8), finite. Values are clamped to [0,1], the data
+range, as displaying the samples would; values further than DIGITS_RANGE_SLACK outside [0,1] are
+rejected because they mean the wrong scale ([-1,1] or 0..255), not a slightly loose sampler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastsample.data.images import load_digits
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+CLASSIFIER_FILE = "digits_classifier.safetensors"
+CARD_FILE = "digits_classifier.json"
+NUM_CLASSES = 10
+NUM_FEATURES = 64
+DIGITS_SHAPE = (1, 8, 8)
+DIGITS_RANGE_SLACK = 0.5
+# A class is "hit" when at least this share of the samples is classified as it: one fifth of the
+# uniform share 1/10. A mode-collapsed model still leaks ~1% of samples into other classes through
+# classifier errors on odd samples (the classifier errs on ~2% of real test digits), so a lower
+# threshold would count those leaks as coverage.
+MIN_CLASS_SHARE = 0.02
+MEDIAN_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+# Reference points for toy2d evaluation come from their own stream, separate from the training data.
+TOY_EVAL_SEED = 2**31 - 1
+MMD_MAX_POINTS = 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# The digits classifier whose penultimate layer is the feature space of FD and C2ST.
+
+class DigitsClassifier(nn.Module):
+    """Small CNN for (N,1,8,8) digits in [0,1]; `features` is the 64-dim penultimate layer."""
+
+    num_features = NUM_FEATURES  # read by torchmetrics so it need not run a dummy image
+
+    def __init__(self, width: int = 32, num_features: int = NUM_FEATURES):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)              # (N, w, 8, 8)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)      # (N, 2w, 8, 8) -> pool 4x4
+        self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)  # (N, 2w, 4, 4)
+        self.fc = nn.Linear(2 * width * 16, num_features)
+        self.head = nn.Linear(num_features, NUM_CLASSES)
+        # Dropout on the features, training only: 1437 images overfit without it. On a held-out
+        # quarter of the train split (3 seeds): p=0 -> 97.1%, p=0.3 -> 98.2%, p=0.5 -> 98.7%,
+        # and p=0.5 with 80 epochs -> 99.1%.
+        self.dropout = nn.Dropout(0.5)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        # Inputs are centred (x - 0.5) so zero padding looks like mid-grey, not like ink.
+        h = F.silu(self.conv1(x - 0.5))
+        h = F.avg_pool2d(F.silu(self.conv2(h)), 2)
+        h = F.silu(self.conv3(h))
+        return F.silu(self.fc(h.flatten(1)))  # (N, num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))  # logits (N, 10)
+
+
+class _FeatureModule(nn.Module):
+    """torchmetrics' custom `feature` module: float images in, float64 penultimate features out."""
+
+    num_features = NUM_FEATURES
+
+    def __init__(self, classifier: DigitsClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float64 features make torchmetrics return FD in float64 (it casts back to feature dtype).
+        return self.classifier.features(x.float()).double()
+
+
+def train_classifier(seed: int = 0, epochs: int = 80, batch_size: int = 64, lr: float = 1e-3,
+                     weight_decay: float = 0.05, log=print) -> tuple[DigitsClassifier, dict]:
+    """AdamW, no augmentation, digits train split (split seed 0) only. Deterministic given seed.
+
+    Hyperparameters were chosen on a held-out quarter of the train split, never on the test split.
+    """
+    torch.manual_seed(seed)
+    train = load_digits("train", seed=0)
+    model = DigitsClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    n = len(train)
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=g)
+        total = 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(model(train.x[idx]), train.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        if (epoch + 1) % 10 == 0 or epoch == 0:
+            log(f"epoch {epoch + 1:3d}/{epochs}  train loss {total / n:.4f}")
+    model.eval()
+    card = {
+        "model": "DigitsClassifier", "num_features": NUM_FEATURES,
+        "data": "digits", "split_seed": 0, "train_size": n,
+        "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW",
+        "weight_decay": weight_decay, "dropout": model.dropout.p, "augmentation": "none",
+        "train_accuracy": classifier_accuracy(model, train.x, train.labels),
+        "test_accuracy": classifier_accuracy(model, *_test_xy()),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "torch_version": torch.__version__,
+        "command": f"python -m fastsample.metrics train-classifier --out fastsample/assets/ "
+                   f"--seed {seed} --epochs {epochs}",
+    }
+    return model, card
+
+
+def _test_xy() -> tuple[torch.Tensor, torch.Tensor]:
+    test = load_digits("test", seed=0)
+    return test.x, test.labels
+
+
+@torch.no_grad()
+def classifier_accuracy(model: DigitsClassifier, x: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    return float((model(x).argmax(1) == labels).float().mean())
+
+
+def save_classifier(model: DigitsClassifier, card: dict, out_dir: str | Path) -> Path:
+    """Write weights (card JSON in the safetensors metadata) and the card beside them, atomically."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / CLASSIFIER_FILE
+    tmp = path.with_suffix(".tmp")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"card": json.dumps(card)})
+    tmp.chmod(0o644)  # safetensors creates the file private; the asset is meant to be shipped
+    tmp.replace(path)
+    card_tmp = out_dir / (CARD_FILE + ".tmp")
+    card_tmp.write_text(json.dumps(card, indent=2) + "\n")
+    card_tmp.replace(out_dir / CARD_FILE)
+    return path
+
+
+_CLASSIFIERS: dict[str, DigitsClassifier] = {}
+
+
+def load_classifier(path: str | Path | None = None) -> DigitsClassifier:
+    """The shipped digits classifier (cached per path), in eval mode, on CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else ASSETS / CLASSIFIER_FILE
+    key = str(path.resolve())
+    if key in _CLASSIFIERS:
+        return _CLASSIFIERS[key]
+    if not path.is_file():
+        raise FileNotFoundError(f"digits classifier weights {str(path)!r} not found; recreate them "
+                                f"with `python -m fastsample.metrics train-classifier --out "
+                                f"{path.parent}`")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"digits classifier file {str(path)!r} is corrupt ({e})") from e
+    model = DigitsClassifier()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"digits classifier file {str(path)!r} does not hold DigitsClassifier "
+                         f"weights ({str(e).splitlines()[0]})") from e
+    model.eval().requires_grad_(False)
+    _CLASSIFIERS[key] = model
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks.
+
+def check_digits(samples, name: str = "samples") -> torch.Tensor:
+    """Validate digits samples and return them float32 (N,1,8,8) clamped to [0,1] (module rules)."""
+    x = torch.as_tensor(samples)
+    if x.dim() != 4 or tuple(x.shape[1:]) != DIGITS_SHAPE:
+        raise ValueError(f"{name} must have shape (N, 1, 8, 8) for digits, got {tuple(x.shape)}")
+    if x.shape[0] < 2:
+        raise ValueError(f"{name} must hold at least 2 images, got {x.shape[0]}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor in [0,1], got dtype {x.dtype}")
+    x = x.detach().to("cpu", torch.float32)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds {int((~torch.isfinite(x)).sum())} NaN/inf values; "
+                         f"all values must be finite")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -DIGITS_RANGE_SLACK or hi > 1 + DIGITS_RANGE_SLACK:
+        raise ValueError(f"{name} range [{lo:.4g}, {hi:.4g}] is not digits data in [0,1] (values "
+                         f"within {DIGITS_RANGE_SLACK} outside it are clamped; wrong scale?)")
+    return x.clamp(0.0, 1.0)
+
+
+def check_points(x, name: str, dim: int | None = None) -> torch.Tensor:
+    """Validate an (N,D) finite point set with N >= 2; returns float64 on CPU."""
+    t = torch.as_tensor(x)
+    if t.dim() != 2 or (dim is not None and t.shape[1] != dim):
+        want = f"(N, {dim})" if dim is not None else "(N, D)"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if t.shape[0] < 2:
+        raise ValueError(f"{name} must hold at least 2 points, got {t.shape[0]}")
+    t = t.detach().to("cpu", torch.float64)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} holds {int((~torch.isfinite(t)).sum())} NaN/inf values; "
+                         f"all values must be finite")
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Digits metrics.
+
+def _reference_images(ref) -> torch.Tensor:
+    if isinstance(ref, str):
+        if ref not in ("train", "test", "all"):
+            raise ValueError(f"ref must be 'train', 'test', 'all' or a (N,1,8,8) tensor, got {ref!r}")
+        return load_digits(ref, seed=0).x
+    return check_digits(ref, name="ref")
+
+
+def _new_fid(classifier: DigitsClassifier):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    # normalize=True: with a custom module torchmetrics passes float images through untouched.
+    return FrechetInceptionDistance(feature=_FeatureModule(classifier), reset_real_features=False,
+                                    normalize=True)
+
+
+_FID_CACHE: dict[tuple[str, str], object] = {}
+
+
+@torch.no_grad()
+def frechet_distance(samples, ref="train", classifier_path: str | Path | None = None) -> float:
+    """Squared Frechet distance ||mu_s - mu_r||^2 + Tr(S_s + S_r - 2 (S_s S_r)^1/2) between
+    Gaussians fitted to the classifier's 64-dim features of `samples` and of `ref`.
+
+    samples: (N,1,8,8) digits in [0,1], N >= 2. ref: "train" | "test" | "all" (digits split seed
+    0; statistics cached) or a (M,1,8,8) tensor (statistics computed each call).
+    """
+    x = check_digits(samples)
+    classifier = load_classifier(classifier_path)
+    if isinstance(ref, str):
+        key = (ref, str(classifier_path))
+        if key not in _FID_CACHE:
+            ref_x = _reference_images(ref)
+            fid = _new_fid(classifier)
+            fid.update(ref_x, real=True)
+            _FID_CACHE[key] = fid
+        fid = _FID_CACHE[key]
+        fid.reset()  # keeps the real statistics (reset_real_features=False)
+    else:
+        fid = _new_fid(classifier)
+        fid.update(_reference_images(ref), real=True)
+    fid.update(x, real=False)
+    return float(fid.compute())
+
+
+@torch.no_grad()
+def predict_classes(samples, classifier_path: str | Path | None = None) -> torch.Tensor:
+    x = check_digits(samples)
+    return load_classifier(classifier_path)(x).argmax(1)
+
+
+def class_coverage(samples, min_share: float = MIN_CLASS_SHARE,
+                   classifier_path: str | Path | None = None) -> dict:
+    """Histogram of predicted classes: {"classes_hit": classes with share >= min_share (0..10),
+    "kl_uniform": KL(p || uniform) = sum_c p_c log(10 p_c) in nats (0 = balanced, log 10 = one class)}."""
+    if not 0.0 < min_share <= 1.0:
+        raise ValueError(f"min_share must be in (0, 1], got {min_share!r}")
+    pred = predict_classes(samples, classifier_path)
+    p = torch.bincount(pred, minlength=NUM_CLASSES).double() / len(pred)
+    nz = p[p > 0]
+    kl = float((nz * torch.log(nz * NUM_CLASSES)).sum())
+    return {"classes_hit": int((p >= min_share).sum()), "kl_uniform": kl}
+
+
+@torch.no_grad()
+def digits_features(samples, classifier_path: str | Path | None = None) -> np.ndarray:
+    x = check_digits(samples)
+    return load_classifier(classifier_path).features(x).double().numpy()
+
+
+def c2st(samples, ref="train", seed: int = 0, folds: int = 5,
+         classifier_path: str | Path | None = None) -> float:
+    """Classifier two-sample test accuracy in the classifier's features (0.5 = indistinguishable).
+
+    n = min(len(samples), len(ref)) images are drawn from each side (seeded), labelled real/sample,
+    standardised, and scored by `folds`-fold stratified cross-validated logistic regression.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = check_digits(samples)
+    r = _reference_images(ref)
+    n = min(len(x), len(r))
+    if n < 2 * folds:
+        raise ValueError(f"c2st needs at least {2 * folds} images per side for {folds}-fold "
+                         f"cross-validation, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    x = x[torch.randperm(len(x), generator=g)[:n]]
+    r = r[torch.randperm(len(r), generator=g)[:n]]
+    feats = np.concatenate([digits_features(r, classifier_path), digits_features(x, classifier_path)])
+    y = np.concatenate([np.zeros(n), np.ones(n)])
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(clf, feats, y, cv=cv, scoring="accuracy").mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# 2D point-set metrics.
+
+def median_bandwidth(y: torch.Tensor, max_points: int = 1000) -> float:
+    """Median pairwise Euclidean distance within (the first max_points of) y."""
+    y = y[:max_points]
+    d = torch.cdist(y, y)
+    iu = torch.triu_indices(len(y), len(y), offset=1)
+    return float(d[iu[0], iu[1]].median())
+
+
+def _kernel_sum(a: torch.Tensor, b: torch.Tensor, sigmas: torch.Tensor, block: int = 2048) -> float:
+    """sum_{i,j} sum_s exp(-|a_i - b_j|^2 / (2 sigma_s^2)), in row blocks to bound memory."""
+    total = 0.0
+    for i in range(0, len(a), block):
+        d2 = torch.cdist(a[i:i + block], b).square()  # (B, M)
+        total += float(torch.exp(-d2[..., None] / (2 * sigmas.square())).sum())
+    return total
+
+
+def mmd_rbf(x, y, bandwidths: str | Sequence[float] = "median") -> float:
+    """Unbiased MMD^2 between point sets x (m,D) and y (n,D) with the kernel
+    k(a,b) = sum_s exp(-|a-b|^2 / (2 sigma_s^2)) (a sum of Gaussians over bandwidths sigma_s).
+
+    bandwidths: positive floats, or "median": sigma_med * (1/4, 1/2, 1, 2, 4) where sigma_med is
+    the median pairwise distance within y, so with y the reference the kernel does not depend on
+    the model being scored. The unbiased estimate drops i == j terms and can be slightly negative.
+    """
+    x = check_points(x, "x")
+    y = check_points(y, "y", dim=x.shape[1])
+    if isinstance(bandwidths, str):
+        if bandwidths != "median":
+            raise ValueError(f"bandwidths must be 'median' or a sequence of positive floats, "
+                             f"got {bandwidths!r}")
+        sigma_med = median_bandwidth(y)
+        if sigma_med <= 0:
+            raise ValueError("y has median pairwise distance 0; pass explicit bandwidths")
+        sigmas = torch.tensor([m * sigma_med for m in MEDIAN_MULTIPLIERS], dtype=torch.float64)
+    else:
+        sigmas = torch.as_tensor(list(bandwidths), dtype=torch.float64)
+        if sigmas.numel() == 0 or not torch.isfinite(sigmas).all() or (sigmas <= 0).any():
+            raise ValueError(f"bandwidths must be a non-empty sequence of positive finite floats, "
+                             f"got {list(bandwidths)!r}")
+    m, n, S = len(x), len(y), len(sigmas)
+    # k(a,a) = 1 per bandwidth, so the i == j terms of a same-set sum add exactly len * S.
+    k_xx = (_kernel_sum(x, x, sigmas) - m * S) / (m * (m - 1))
+    k_yy = (_kernel_sum(y, y, sigmas) - n * S) / (n * (n - 1))
+    k_xy = _kernel_sum(x, y, sigmas) / (m * n)
+    return k_xx + k_yy - 2 * k_xy
+
+
+def sliced_wasserstein(x, y, n_projections: int = 256, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance (POT: sqrt of the mean over random directions of W_2^2)."""
+    import ot
+
+    x = check_points(x, "x")
+    y = check_points(y, "y", dim=x.shape[1])
+    if not isinstance(n_projections, int) or n_projections < 1:
+        raise ValueError(f"n_projections must be a positive int, got {n_projections!r}")
+    return float(ot.sliced_wasserstein_distance(x.numpy(), y.numpy(), n_projections=n_projections,
+                                                p=2, seed=seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# One call per data set.
+
+def evaluate(samples, data_spec: str, seed: int = 0) -> dict:
+    """Metrics suited to the data: digits -> n, fd, classes_hit, kl_uniform, c2st (vs train split);
+    toy2d:NAME -> n, mmd (on at most MMD_MAX_POINTS of each side), swd, against as many fresh exact
+    samples of the toy as there are samples."""
+    from fastsample.data import parse_spec
+
+    source, arg = parse_spec(data_spec)
+    if source == "digits":
+        x = check_digits(samples)
+        return {"n": len(x), "fd": frechet_distance(x, "train"), **class_coverage(x),
+                "c2st": c2st(x, "train", seed=seed)}
+    if source == "toy2d":
+        from fastsample.data import toy2d  # lazy: written in parallel, may be absent
+
+        x = check_points(samples, "samples", dim=2)
+        y = toy2d.get_toy(arg).sample(len(x), torch.Generator().manual_seed(TOY_EVAL_SEED))
+        y = check_points(y, f"toy2d:{arg} reference", dim=2)
+        k = MMD_MAX_POINTS
+        return {"n": len(x), "mmd": mmd_rbf(x[:k], y[:k]),
+                "swd": sliced_wasserstein(x, y, seed=seed)}
+    raise ValueError(f"evaluate supports 'digits' and 'toy2d:NAME', got {data_spec!r} "
+                     f"(there is no feature network for {source!r} data)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: what the digits metrics read for real data and for two weak reference models.
+
+def fit_class_gaussian(x: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-3):
+    """Per class c: mean mu_c, full covariance Sigma_c + ridge I, class prior pi_c (frequencies)."""
+    flat = x.flatten(1).double()  # (N, 64)
+    classes = torch.unique(labels)
+    mu = torch.stack([flat[labels == c].mean(0) for c in classes])
+    L = torch.stack([torch.linalg.cholesky(torch.cov(flat[labels == c].T)
+                                           + ridge * torch.eye(flat.shape[1], dtype=torch.float64))
+                     for c in classes])
+    pi = torch.stack([(labels == c).double().mean() for c in classes])
+    return mu, L, pi
+
+
+def sample_class_gaussian(n: int, fit, generator: torch.Generator) -> torch.Tensor:
+    """The "mediocre model": class c ~ pi, x = mu_c + L_c z, clipped to [0,1]; (n,1,8,8) float32."""
+    mu, L, pi = fit
+    c = torch.multinomial(pi, n, replacement=True, generator=generator)
+    z = torch.randn(n, mu.shape[1], generator=generator, dtype=torch.float64)
+    flat = mu[c] + (L[c] @ z[..., None])[..., 0]
+    return flat.clamp(0, 1).float().reshape(n, *DIGITS_SHAPE)
+
+
+def sample_pixel_gaussian(n: int, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The "bad model": every pixel independent N(mean, var) of the train pixels, clipped to [0,1]."""
+    flat = x.flatten(1).double()
+    mu, sd = flat.mean(0), flat.std(0)
+    z = torch.randn(n, flat.shape[1], generator=generator, dtype=torch.float64)
+    return (mu + sd * z).clamp(0, 1).float().reshape(n, *DIGITS_SHAPE)
+
+
+def calibrate(seeds: Sequence[int] = (0, 1, 2), sizes: Sequence[int] = (360, 2000), log=print) -> list[dict]:
+    """Rows {model, n, seed, fd, classes_hit, kl_uniform, c2st} for (a) the test split, (b) the
+    class-conditional Gaussian, (c) the per-pixel Gaussian; all against the train split."""
+    train = load_digits("train", seed=0)
+    test = load_digits("test", seed=0)
+    fit = fit_class_gaussian(train.x, train.labels)
+    rows = []
+    for seed in seeds:
+        sets = [("a: test split (floor)", test.x)]
+        for n in sizes:
+            g = torch.Generator().manual_seed(seed)
+            sets.append(("b: class Gaussian (mediocre)", sample_class_gaussian(n, fit, g)))
+            g = torch.Generator().manual_seed(seed)
+            sets.append(("c: pixel Gaussian (bad)", sample_pixel_gaussian(n, train.x, g)))
+        for model, x in sets:
+            row = {"model": model, "n": len(x), "seed": seed, **evaluate(x, "digits", seed=seed)}
+            log(json.dumps(row))
+            rows.append(row)
+    return rows
+
+
+def calibration_table(rows: list[dict]) -> str:
+    """Markdown table of mean ± std over seeds per (model, n)."""
+    keys = ("fd", "c2st", "classes_hit", "kl_uniform")
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["n"]), []).append(r)
+    lines = ["| model | n | seeds | " + " | ".join(keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
+    for (model, n), rs in sorted(groups.items()):
+        cells = []
+        for k in keys:
+            v = np.array([r[k] for r in rs], dtype=np.float64)
+            cells.append(f"{v.mean():.4g} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2g}")
+        lines.append(f"| {model} | {n} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: python -m fastsample.metrics train-classifier | calibrate
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastsample.metrics",
+                                description="Train the digits feature classifier, or calibrate the "
+                                            "digits metrics on real data and reference models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train-classifier", help="train the digits classifier on the train split")
+    t.add_argument("--out", required=True, metavar="DIR", help="directory for weights + card")
+    t.add_argument("--seed", type=int, default=0, help="init and shuffling seed (default 0)")
+    t.add_argument("--epochs", type=int, default=80, help="passes over the train split (default 80)")
+    c = sub.add_parser("calibrate", help="metrics of test split / class Gaussian / pixel Gaussian")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
+    c.add_argument("--sizes", type=int, nargs="+", default=[360, 2000],
+                   help="sample counts for the Gaussian models (default: 360 2000)")
+    c.add_argument("--json", metavar="FILE", help="also write every row as JSON")
+    ns = p.parse_args(argv)
+    if ns.command == "train-classifier":
+        if ns.epochs < 1:
+            p.error(f"--epochs must be >= 1, got {ns.epochs}")
+        model, card = train_classifier(seed=ns.seed, epochs=ns.epochs)
+        path = save_classifier(model, card, ns.out)
+        print(f"wrote {path}: test accuracy {card['test_accuracy']:.4f} "
+              f"(train {card['train_accuracy']:.4f}, {card['wall_seconds']} s)")
+        return 0
+    rows = calibrate(seeds=ns.seeds, sizes=ns.sizes, log=lambda s: print(s, file=sys.stderr))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(rows, indent=1) + "\n")
+    print(calibration_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
