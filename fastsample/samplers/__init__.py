@@ -1,0 +1,36 @@
+"""Samplers, one module per family (ddgan, cld, lsgm, ddpm); ode.py is the shared adaptive solver.
+
+Every sampler is a pure function
+
+    sample_<name>(model, x_T, <schedule / steps>, *, seed, ...) -> SampleResult(x0, nfe)
+
+- `x_T`: the initial noise, drawn by the caller (so "same seed, same samples" holds end to end);
+- `seed`: the int that drives every later noise draw (in-kernel Philox through
+  fastsample.kernels.dispatch: a one-element int64 tensor on the device + a per-step offset);
+- `nfe`: network evaluations per sample, counted at the call sites, never computed from a formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    x0: torch.Tensor        # samples in the model's space (the family maps them to data space)
+    nfe: int                # network evaluations per sample, counted
+
+
+def seed_tensor(seed: int, device) -> torch.Tensor:
+    """The kernels read their Philox seed from device memory (graph-replayable)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def check_steps(steps: int, name: str = "steps") -> int:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {steps!r}")
+    return steps
