@@ -371,11 +371,11 @@ class _Tiny(torch.nn.Module):
         return out
 
 
-def test_torch_compile_and_export_carry_the_ops():
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_and_export_carry_the_ops(device):
     gen = torch.Generator().manual_seed(8)
-    x, e = rand((2, 4, 3, 3), torch.float32, "cpu", gen), rand((2, 4, 3, 3), torch.float32,
-                                                               "cpu", gen)
-    s = seed_t(4, "cpu")
+    x, e = (rand((2, 4, 3, 3), torch.float32, device, gen) for _ in range(2))
+    s = seed_t(4, device)
     eager = _Tiny()(x, e, s)
     compiled = torch.compile(_Tiny(), backend="aot_eager", fullgraph=True)(x, e, s)
     assert torch.equal(compiled, eager)
@@ -384,13 +384,14 @@ def test_torch_compile_and_export_carry_the_ops():
     assert torch.equal(ep.module()(x, e, s), eager)
 
 
-def test_compile_of_in_place_step():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_of_in_place_step(device):
     def step(x, v, alpha, seed):
         affine2_noise_(x, v, alpha, 1.1, -0.3, T_PUBLIC, chol2(C_PUBLIC), seed, 3)
         return x, v
     gen = torch.Generator().manual_seed(9)
-    x, v, al = (rand(105, torch.float32, "cpu", gen) for _ in range(3))
-    s = seed_t(2, "cpu")
+    x, v, al = (rand(105, torch.float32, device, gen) for _ in range(3))
+    s = seed_t(2, device)
     xe, ve = step(x.clone(), v.clone(), al, s)
     xc, vc = torch.compile(step, backend="aot_eager", fullgraph=True)(x.clone(), v.clone(), al, s)
     assert torch.equal(xc, xe) and torch.equal(vc, ve)
