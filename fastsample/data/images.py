@@ -138,18 +138,13 @@ def load_npz(path: str | Path, split: str = "all") -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as f:
             keys = list(f.keys())
-            if "images" in keys:
-                key = "images"
-            elif len(keys) == 1:
-                key = keys[0]
-            else:
-                raise ValueError(f"{path}: no 'images' key and not exactly one array (keys: {keys}); "
-                                 f"store the images under 'images'")
-            arr = f[key]
-    except ValueError:
-        raise
-    except Exception as e:  # zipfile.BadZipFile, OSError, pickle refusals: all mean a bad file
+            key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
+            arr = f[key] if key is not None else None
+    except Exception as e:  # BadZipFile, OSError, ValueError (pickle refusal): all mean a bad file
         raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+    if key is None:
+        raise ValueError(f"{path}: no 'images' key and not exactly one array (keys: {keys}); "
+                         f"store the images under 'images'")
     where = f"{path}[{key!r}]"
     if arr.ndim == 0 or arr.shape[0] == 0:
         raise ValueError(f"{where}: holds no images (shape {arr.shape})")

@@ -1,0 +1,257 @@
+"""fastsample.metrics: oracles for FD (independent sqrtm formula), coverage (closed-form KL),
+MMD^2 (closed form for Gaussians), sliced W2 (closed form for shifted Gaussians), calibration order."""
+
+import json
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+import fastsample.data as fdata
+import fastsample.metrics as M
+from fastsample.data.images import load_digits
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return load_digits("test")
+
+
+@pytest.fixture(scope="module")
+def train_split():
+    return load_digits("train")
+
+
+# ---------------------------------------------------------------------------------------------
+# classifier
+
+def test_shipped_classifier_accuracy_and_card(test_split):
+    clf = M.load_classifier()
+    acc = M.classifier_accuracy(clf, test_split.x, test_split.labels)
+    assert acc > 0.95
+    card = json.loads((M.ASSETS / M.CARD_FILE).read_text())
+    assert card["data"] == "digits" and card["num_features"] == M.NUM_FEATURES
+    assert abs(card["test_accuracy"] - acc) < 1e-6  # the card reports what the weights do
+    assert (M.ASSETS / M.CLASSIFIER_FILE).stat().st_size < 1_000_000
+
+
+def test_training_is_deterministic_given_seed():
+    a, _ = M.train_classifier(seed=3, epochs=1, log=lambda s: None)
+    b, _ = M.train_classifier(seed=3, epochs=1, log=lambda s: None)
+    c, _ = M.train_classifier(seed=4, epochs=1, log=lambda s: None)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_classifier_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-classifier"):
+        M.load_classifier(tmp_path / "none.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 40)
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        M.load_classifier(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frechet distance
+
+def _fd_scipy(f1, f2):
+    """Independent FD: closed form with scipy's matrix square root."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_fd_matches_independent_formula(test_split, train_split):
+    x = test_split.x[:200]
+    want = _fd_scipy(M.digits_features(x), M.digits_features(train_split.x))
+    got = M.frechet_distance(x, "train")
+    assert got == pytest.approx(want, rel=1e-6)
+    # The cached reference statistics give the same number on a second call.
+    assert M.frechet_distance(x, "train") == got
+
+
+def test_fd_of_a_set_with_itself_is_zero(test_split):
+    x = test_split.x
+    scale = float(np.trace(np.cov(M.digits_features(x), rowvar=False)))
+    assert abs(M.frechet_distance(x, ref=x)) < 1e-6 * scale
+
+
+def test_fd_grows_with_pixel_noise(test_split):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(test_split.x.shape, generator=g)
+    fds = [M.frechet_distance((test_split.x + s * z).clamp(0, 1)) for s in (0.0, 0.05, 0.1, 0.2, 0.4)]
+    assert all(a < b for a, b in zip(fds, fds[1:])), fds
+
+
+# ---------------------------------------------------------------------------------------------
+# class coverage
+
+def test_coverage_of_test_split_and_of_one_digit(test_split):
+    cov = M.class_coverage(test_split.x)
+    assert cov["classes_hit"] == 10 and cov["kl_uniform"] < 0.05
+    one = test_split.x[:1].repeat(100, 1, 1, 1)
+    cov = M.class_coverage(one)
+    assert cov["classes_hit"] == 1
+    assert cov["kl_uniform"] == pytest.approx(math.log(10), abs=1e-12)  # KL(delta || uniform)
+
+
+def test_coverage_threshold_and_kl_closed_form(test_split):
+    pred = M.predict_classes(test_split.x)
+    a = test_split.x[pred == 0][:1]
+    b = test_split.x[pred == 1][:1]
+    # 50/50 over two classes: KL = log 10 - log 2 = log 5.
+    cov = M.class_coverage(torch.cat([a.repeat(50, 1, 1, 1), b.repeat(50, 1, 1, 1)]))
+    assert cov["classes_hit"] == 2 and cov["kl_uniform"] == pytest.approx(math.log(5), abs=1e-12)
+    # One stray sample in 100 (1% < MIN_CLASS_SHARE = 2%) is not coverage.
+    cov = M.class_coverage(torch.cat([a.repeat(99, 1, 1, 1), b]))
+    assert cov["classes_hit"] == 1
+    assert M.class_coverage(torch.cat([a.repeat(99, 1, 1, 1), b]), min_share=0.01)["classes_hit"] == 2
+    with pytest.raises(ValueError, match="min_share"):
+        M.class_coverage(test_split.x, min_share=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# MMD and sliced Wasserstein on Gaussians, where both have closed forms
+
+def _mmd2_gauss(delta2, s2, sigma, d=2):
+    """MMD^2 of N(mu1, s2 I) vs N(mu2, s2 I), kernel exp(-|a-b|^2/(2 sigma^2)); |mu1-mu2|^2 = delta2."""
+    c = (sigma**2 / (sigma**2 + 2 * s2)) ** (d / 2)
+    return 2 * c * (1 - math.exp(-delta2 / (2 * (sigma**2 + 2 * s2))))
+
+
+def test_mmd_unbiased_and_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    bw = (0.5, 1.0, 2.0)
+    shift = torch.tensor([1.0, 0.0])
+    same, shifted = [], []
+    for _ in range(30):
+        x, y, z = (torch.randn(150, 2, generator=g) for _ in range(3))
+        same.append(M.mmd_rbf(x, y, bandwidths=bw))
+        shifted.append(M.mmd_rbf(x, z + shift, bandwidths=bw))
+    same, shifted = np.array(same), np.array(shifted)
+    # Unbiased estimator: the mean of replicates is 0 / the closed form within 4 standard errors.
+    se = lambda v: v.std(ddof=1) / len(v) ** 0.5
+    assert abs(same.mean()) < 4 * se(same)
+    want = sum(_mmd2_gauss(1.0, 1.0, s) for s in bw)
+    assert abs(shifted.mean() - want) < 4 * se(shifted)
+    assert shifted.mean() > 10 * abs(same.mean()) and want > 0.1
+
+
+def test_mmd_median_bandwidth_and_brute_force():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 2, generator=g), torch.randn(30, 2, generator=g) + 0.5
+    sig = M.median_bandwidth(y)
+    bw = [m * sig for m in M.MEDIAN_MULTIPLIERS]
+    k = lambda a, b: sum(torch.exp(-torch.cdist(a, b).square() / (2 * s**2)) for s in bw).double()
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    m, n = len(x), len(y)
+    brute = ((kxx.sum() - kxx.diag().sum()) / (m * (m - 1)) + (kyy.sum() - kyy.diag().sum())
+             / (n * (n - 1)) - 2 * kxy.mean())
+    assert M.mmd_rbf(x, y) == pytest.approx(float(brute), rel=1e-5)
+
+
+def test_sliced_wasserstein_closed_form():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4000, 2, generator=g), torch.randn(4000, 2, generator=g)
+    delta = torch.tensor([2.0, 0.0])
+    same = M.sliced_wasserstein(x, y, n_projections=500, seed=0)
+    shifted = M.sliced_wasserstein(x, y + delta, n_projections=500, seed=0)
+    # SW_2^2 = E_theta[(theta . delta)^2] = |delta|^2 / d for shifted equal Gaussians.
+    assert shifted == pytest.approx(2.0 / math.sqrt(2), rel=0.05)
+    # Same law: only finite-sample error, O(n^-1/2) per direction.
+    assert same < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate and calibration order
+
+def test_evaluate_digits_and_ordering(test_split, train_split):
+    fit = M.fit_class_gaussian(train_split.x, train_split.labels)
+    n = len(test_split)
+    mediocre = M.sample_class_gaussian(n, fit, torch.Generator().manual_seed(0))
+    bad = M.sample_pixel_gaussian(n, train_split.x, torch.Generator().manual_seed(0))
+    floor = M.evaluate(test_split.x, "digits", seed=0)
+    mid = M.evaluate(mediocre, "digits", seed=0)
+    worst = M.evaluate(bad, "digits", seed=0)
+    assert set(floor) == {"n", "fd", "classes_hit", "kl_uniform", "c2st"} and floor["n"] == n
+    assert floor["fd"] < mid["fd"] < worst["fd"]
+    assert floor["c2st"] < mid["c2st"] < worst["c2st"]
+    assert abs(floor["c2st"] - 0.5) < 0.1  # held-out real digits are indistinguishable
+
+
+def test_evaluate_toy2d_with_fake_module(monkeypatch):
+    class FakeToy:
+        def sample(self, n, generator):
+            return torch.randn(n, 2, generator=generator)
+
+    fake = types.ModuleType("fastsample.data.toy2d")
+    fake.get_toy = lambda name: FakeToy()
+    monkeypatch.setitem(sys.modules, "fastsample.data.toy2d", fake)
+    monkeypatch.setattr(fdata, "toy2d", fake, raising=False)
+    x = torch.randn(1000, 2, generator=torch.Generator().manual_seed(7))
+    good = M.evaluate(x, "toy2d:gauss")
+    far = M.evaluate(x + 3.0, "toy2d:gauss")
+    assert set(good) == {"n", "mmd", "swd"}
+    assert far["mmd"] > 20 * abs(good["mmd"]) and far["swd"] > 10 * good["swd"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.rand(10, 8, 8), r"\(N, 1, 8, 8\)"),
+    (torch.rand(10, 3, 8, 8), r"\(N, 1, 8, 8\)"),
+    (torch.rand(1, 1, 8, 8), "at least 2"),
+    (torch.full((4, 1, 8, 8), float("nan")), "NaN"),
+    (torch.full((4, 1, 8, 8), float("inf")), "NaN/inf"),
+    (torch.randint(0, 255, (4, 1, 8, 8)), "dtype"),
+    (torch.rand(4, 1, 8, 8) * 255, "wrong scale"),
+    (torch.rand(4, 1, 8, 8) * 2 - 1, "wrong scale"),
+])
+def test_bad_digits_inputs(bad, match):
+    for fn in (M.frechet_distance, M.class_coverage, lambda s: M.evaluate(s, "digits")):
+        with pytest.raises(ValueError, match=match):
+            fn(bad)
+
+
+def test_slight_overshoot_is_clamped(test_split):
+    x = test_split.x[:50]
+    loose = x * 1.2 - 0.1  # within DIGITS_RANGE_SLACK of [0,1]
+    assert torch.equal(M.check_digits(loose), loose.clamp(0, 1))
+
+
+def test_bad_metric_arguments(test_split):
+    x, y = torch.randn(20, 2), torch.randn(20, 2)
+    with pytest.raises(ValueError, match="ref"):
+        M.frechet_distance(test_split.x, ref="val")
+    with pytest.raises(ValueError, match="bandwidths"):
+        M.mmd_rbf(x, y, bandwidths=(1.0, -1.0))
+    with pytest.raises(ValueError, match="bandwidths"):
+        M.mmd_rbf(x, y, bandwidths="silverman")
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        M.mmd_rbf(x, torch.randn(20, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        M.sliced_wasserstein(x, torch.full((20, 2), float("nan")))
+    with pytest.raises(ValueError, match="n_projections"):
+        M.sliced_wasserstein(x, y, n_projections=0)
+    with pytest.raises(ValueError, match="evaluate supports"):
+        M.evaluate(test_split.x, "npz:/tmp/x.npz")
+    with pytest.raises(ValueError, match="allowed forms"):
+        M.evaluate(test_split.x, "cifar")
+    with pytest.raises(ValueError, match="at least"):
+        M.c2st(test_split.x[:6])
+
+
+def test_cli_help(capsys):
+    for argv in (["--help"], ["train-classifier", "--help"], ["calibrate", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            M.main(argv)
+        assert e.value.code == 0
+    assert "--seeds" in capsys.readouterr().out
