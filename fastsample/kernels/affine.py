@@ -247,7 +247,7 @@ def affine2_noise_(x: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor | None,
     check_launchable("affine2_noise_", x, v, alpha)
     if (K11, K21, K22) != (0.0, 0.0, 0.0):
         check_seed("affine2_noise_", seed, x, offset)
-    torch.ops.fastsample.affine2_noise_(x, v, alpha, seed, int(offset), float(k_v),
+    _affine2_noise_op(x, v, alpha, seed, int(offset), float(k_v),
                                         float(k_alpha), T_xx, T_xv, T_vx, T_vv, float(d_xv),
                                         K11, K21, K22)
 
@@ -260,5 +260,5 @@ def affine1_noise_(x: torch.Tensor, e: torch.Tensor, c_x: float, c_e: float, sig
     check_launchable("affine1_noise_", x, e)
     if sigma != 0.0:
         check_seed("affine1_noise_", seed, x, offset)
-    torch.ops.fastsample.affine1_noise_(x, e, seed, int(offset), float(c_x), float(c_e),
+    _affine1_noise_op(x, e, seed, int(offset), float(c_x), float(c_e),
                                         float(sigma))

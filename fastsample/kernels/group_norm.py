@@ -231,7 +231,11 @@ def group_norm_silu_triton(x: torch.Tensor, num_groups: int, weight: torch.Tenso
                            split: int | None = None) -> torch.Tensor:
     """Triton kernel, same signature as the twin; block/split force the program decomposition."""
     _check_gn_args(x, num_groups, weight, bias, scale, shift, eps)
+    # scale/shift usually arrive as chunk() views of one embedding projection: (N, C) strided.
+    # Copying N*C values is noise next to the N*C*H*W the kernel moves.
+    scale = scale.contiguous() if scale is not None else None
+    shift = shift.contiguous() if shift is not None else None
     tensors = [t for t in (x, weight, bias, scale, shift) if t is not None]
     check_launchable("group_norm_silu", *tensors)
-    return torch.ops.fastsample.group_norm_silu(x, num_groups, weight, bias, scale, shift,
+    return _gn_silu_op(x, num_groups, weight, bias, scale, shift,
                                                 float(eps), bool(silu), block, split)
