@@ -5,9 +5,10 @@ ode: the probability-flow ODE of the geometric VP-SDE with the mixed score,
          dz/dt = -beta_t/2 z - beta_t/2 score = -beta_t/2 (z - eps_theta(z, t) / sigma_t),
      integrated backwards in t by samplers/ode.py (dopri5, adaptive, rtol/atol).
 em:  Euler-Maruyama on the reverse SDE, dz = [beta_t/2 z + beta_t score] d tau + sqrt(beta_t) dW,
-     on a grid uniform in B(t) = -log(1 - sigma_t^2) (the integrated rate). A grid uniform in t is
-     unusable for this SDE: beta(1) = sigma^2 c / (1 - sigma^2) ~ 1e4, so h beta >> 1 near t = 1;
-     uniform in B makes every step's beta_t h ~ B(1)/steps. The last step adds no noise.
+     on a grid uniform in the log-SNR (see `em_grid`). A grid uniform in t is unusable for this
+     SDE: beta(1) = sigma^2 c / (1 - sigma^2) ~ 1e4, so h beta >> 1 near t = 1; uniform in the
+     integrated rate B(t) crowds all steps near t = 1 (B ~ sigma^2 is tiny below). The last step
+     adds no noise.
 
 NFE counts prior (eps network) calls per sample; the single decoder call is not counted (it is
 the same one network call for every sampler and every tolerance, like a VAE decoder anywhere).
@@ -57,18 +58,30 @@ def sample_ode(model, z_T: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e
     def f(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         sigma2 = s2min * torch.exp(c * t)
         beta = sigma2 * c / (1 - sigma2)
-        eps = model.eps(z, t.to(z.dtype).expand(N))
-        return (-0.5 * beta * (z - eps / torch.sqrt(sigma2))).to(z.dtype)
+        t_z = t.to(z.dtype).expand(N)
+        eps = model.eps(z, t_z)
+        # Divide by the very sigma_t the mixed score multiplied by (same dtype, same rounding):
+        # z - eps/sigma cancels to alpha (z - eps'/sigma), and beta ~ 1e4 near t = 1 would amplify
+        # a float64-vs-float32 sigma mismatch into a visible drift.
+        sigma = model.prior.sigma(t_z)[:, None, None, None]
+        return (-0.5 * beta * (z - eps / sigma)).to(z.dtype)
 
     z0, nfe = solve(f, z_T, 1.0, t_end, rtol=rtol, atol=atol, method=method)
     return SampleResult(z0, nfe)
 
 
 def em_grid(steps: int, sde, t_end: float = 0.0) -> torch.Tensor:
-    """steps + 1 float64 times from 1 down to t_end, uniform in B(t) = -log(1 - sigma_t^2)."""
-    B1, B0 = float(sde.int_beta(sde.T)), float(sde.int_beta(t_end))
-    B = B1 + (B0 - B1) * torch.arange(steps + 1, dtype=torch.float64) / steps
-    sigma2 = -torch.expm1(-B)
+    """steps + 1 float64 times from 1 down to t_end, uniform in the log-SNR
+    lambda(t) = log(m_t^2 / sigma_t^2). With d lambda/dt = -c / m_t^2 (c = log(s2max/s2min)),
+    a step of d lambda has h beta_t = d lambda sigma_t^2 < d lambda and h beta_t / sigma_t =
+    d lambda sigma_t: both bounded at every t."""
+    def lam(t: float) -> float:
+        s2 = float(sde.std2(t))
+        return math.log((1 - s2) / s2)
+
+    l1, l0 = lam(sde.T), lam(t_end)
+    lams = l1 + (l0 - l1) * torch.arange(steps + 1, dtype=torch.float64) / steps
+    sigma2 = torch.sigmoid(-lams)
     t = torch.log(sigma2 / sde.sigma2_min) / (sde.log_ratio / sde.T)
     t[0], t[-1] = sde.T, t_end  # exact ends, free of the log/exp round trip
     return t
