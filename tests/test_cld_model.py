@@ -135,8 +135,9 @@ def test_train_toy_loss_decreases_and_checkpoint_loads(tmp_path):
     first, last = sum(losses[:30]) / 30, sum(losses[-30:]) / 30
     assert last < 0.8 * first, (first, last)
     model, _ = load_model(tmp_path / "cld.safetensors")
+    loose = {"ode": {"rtol": 1e-2, "atol": 1e-2}}
     for name in ("sscs", "em", "ode"):
-        x, nfe = S.sample(model, name, 5, 7, seed=0, device="cpu", **({"rtol": 1e-2, "atol": 1e-2} if name == "ode" else {}))
+        x, nfe = S.sample(model, name, 5, 7, seed=0, device="cpu", **loose.get(name, {}))
         assert x.shape == (7, 2) and bool(torch.isfinite(x).all()) and nfe >= 2
 
 
