@@ -1,0 +1,285 @@
+"""Critically-Damped Langevin Diffusion (CLD): hybrid score matching with the mixed score.
+
+Reference: reference/cld.md (Dockhorn, Vahdat, Kreis, ICLR 2022), sec. 3 (training), 7 (pitfalls).
+The net sees (x_t, v_t) and predicts alpha, the velocity part only; the v-score is
+
+    s_theta(u_t, t) = -v_t / SigmaRef_vv(t) - ell_t * alpha      (mixed score, sec. 3.2)
+    s_theta(u_t, t) = -ell_t * alpha                              (mixed score off: the toy config)
+
+and the `reweightedv2` loss is (r - eps_v)^2 with r = s_theta / (-ell_t) (sec. 3.3), summed over
+the data dimensions and averaged over the batch. All CLD scalars come from fastsample.sde.cld in
+float64 and are cast per sample to the compute dtype; the loss is reduced in fp32 outside autocast,
+and the nets compute their time features outside autocast (pitfall 1).
+
+Data: digits batches arrive dequantised in [0, 1) and the model works in [-1, 1]; 2D toys are
+used as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastsample.nets import MLPConfig, TimeMLP, UNet, UNetConfig
+from fastsample.sde import CLD, CLDConfig
+
+SAMPLERS = ("sscs", "em", "ode")
+NETS = ("unet", "mlp")
+WEIGHTINGS = ("reweightedv2", "reweightedv1", "likelihood")
+
+
+#-----------------------------------------------------------------------------------------------
+# Config.
+
+@dataclass(frozen=True)
+class Config:
+    data_shape: tuple = (1, 8, 8)       # one sample's shape in model space: (C, R, R) or (d,)
+    net: str = "unet"                   # unet (images) | mlp (2D toys)
+    unet_preset: str = "digits8"        # UNetConfig preset; in_ch = 2C, out_ch = C are set here
+    base_ch: int = 32                   # U-Net base width (overrides the preset)
+    dropout: float = 0.0                # U-Net dropout
+    mlp_hidden: int = 128               # toy MLP: width of every hidden layer (cld.md sec. 3.4)
+    mlp_layers: int = 4                 # toy MLP: number of hidden layers
+    fourier_scale: float = 16.0         # std of the log-t Fourier frequencies (cld.md sec. 3.4: 16)
+    mixed_score: bool = True            # s = -v/SigmaRef_vv - ell alpha; off: s = -ell alpha (toy config)
+    weighting: str = "reweightedv2"     # reweightedv2 (eps loss) | reweightedv1 | likelihood (sec. 3.3)
+    Minv: float = 4.0                   # inverse mass; Gamma = 2/sqrt(Minv) (critical damping)
+    beta0: float = 4.0                  # beta(t) = beta0 + beta1 t
+    beta1: float = 0.0
+    gamma: float = 0.04                 # v0 ~ N(0, gamma M)
+    numerical_eps: float = 1e-9         # added to Sigma_xx, Sigma_vv before each Cholesky (sec. 2.4)
+    sampling_eps: float = 1e-3          # samplers stop at forward time sampling_eps, then denoise
+    loss_eps: float = 1e-5              # training draws t ~ U[loss_eps, 1]
+    lr: float = 1e-3                    # Adam learning rate
+    warmup: int = 200                   # linear learning-rate warm-up, optimiser steps
+    train_steps: int = 2000             # optimiser steps of `fastsample train` (~1.6 it/s digits, 2 CPU cores)
+    batch_size: int = 128               # global batch
+    ema_decay: float = 0.999            # EMA of the released weights
+    eval_samples: int = 500             # samples drawn by evaluate() (SSCS-QS, eval_nfe)
+    eval_nfe: int = 50                  # NFE of evaluate()'s sampler
+
+    def __post_init__(self):
+        shape = tuple(int(s) for s in self.data_shape)
+        if len(shape) not in (1, 3) or min(shape) < 1:
+            raise ValueError(f"Config.data_shape = {self.data_shape!r}; expected (d,) or (C, R, R)")
+        object.__setattr__(self, "data_shape", shape)
+        if self.net not in NETS:
+            raise ValueError(f"Config.net = {self.net!r}; choose one of {'|'.join(NETS)}")
+        if (self.net == "unet") != (len(shape) == 3):
+            raise ValueError(f"Config.net = {self.net!r} does not fit data_shape {shape}: "
+                             f"unet takes (C, R, R), mlp takes (d,)")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"Config.weighting = {self.weighting!r}; "
+                             f"choose one of {'|'.join(WEIGHTINGS)}")
+        for name in ("train_steps", "batch_size", "eval_samples", "mlp_hidden", "mlp_layers",
+                     "base_ch"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"Config.{name} = {getattr(self, name)!r}; must be >= 1")
+        if self.eval_nfe < 2:
+            raise ValueError(f"Config.eval_nfe = {self.eval_nfe!r}; must be >= 2")
+        if self.warmup < 0:
+            raise ValueError(f"Config.warmup = {self.warmup!r}; must be >= 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"Config.lr = {self.lr!r}; must be a positive finite number")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"Config.ema_decay = {self.ema_decay!r}; must be in [0, 1)")
+        self.cld_config()  # validates the CLD fields with CLDConfig's own messages
+
+    def cld_config(self) -> CLDConfig:
+        return CLDConfig(Minv=self.Minv, beta0=self.beta0, beta1=self.beta1, gamma=self.gamma,
+                         numerical_eps=self.numerical_eps, sampling_eps=self.sampling_eps,
+                         loss_eps=self.loss_eps)
+
+    def net_config(self) -> UNetConfig | MLPConfig:
+        if self.net == "unet":
+            C = self.data_shape[0]
+            return UNetConfig.preset(self.unet_preset, in_ch=2 * C, out_ch=C,
+                                     resolution=self.data_shape[1], base_ch=self.base_ch,
+                                     dropout=self.dropout, time_embedding="fourier_log",
+                                     fourier_scale=self.fourier_scale)
+        d = self.data_shape[0]
+        return MLPConfig(in_dim=2 * d, out_dim=d, hidden=self.mlp_hidden,
+                         num_layers=self.mlp_layers, time_embedding="fourier_log",
+                         fourier_scale=self.fourier_scale)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["data_shape"] = list(self.data_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"cld Config: unknown fields {unknown}; allowed {sorted(names)}")
+        return cls(**{**d, "data_shape": tuple(d.get("data_shape", cls.data_shape))})
+
+
+def default_config(data) -> Config:
+    """Digits: U-Net on (2, 8, 8) with the mixed score. 2D toys: the cld.md toy config (MLP 4x128,
+    mixed score off, numerical_eps 1e-6, EMA 0.999, batch 512, lr 1e-3), except fourier_scale 1:
+    on diamond (4000 steps) SSCS-20 SWD was 0.105 with it vs 0.172 with 16 (floor 0.027)."""
+    shape = tuple(data.x.shape[1:])
+    if data.kind == "points":
+        return Config(data_shape=shape, net="mlp", mixed_score=False, numerical_eps=1e-6,
+                      lr=1e-3, warmup=0, train_steps=4000, batch_size=512, ema_decay=0.999,
+                      fourier_scale=1.0)
+    # EMA 0.995 (half-life ~140 steps): at the CPU budget of ~2000 steps, 0.999 would still hold
+    # e^-2 = 14% of the untrained weights (measured: a 1000-step toy EMA at 0.999 was unusable).
+    return Config(data_shape=shape, net="unet", mixed_score=True, ema_decay=0.995)
+
+
+#-----------------------------------------------------------------------------------------------
+# Model: the net plus the CLD scalars a sampler needs.
+
+def _build_net(net_kind: str, cfg) -> nn.Module:
+    return UNet(cfg) if net_kind == "unet" else TimeMLP(cfg)
+
+
+class Model(nn.Module):
+    """A CLD score model ready for sampling.
+
+    alpha(x, v, t): x, v (N, *data_shape), t (N,) forward time > 0 -> alpha (N, *data_shape).
+    Samplers read `cld` (float64 scalars), `mixed_score`, `data_shape` and call `to_data`.
+    """
+
+    family = "cld"
+
+    def __init__(self, config: Config, net: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.cld = CLD(config.cld_config())
+        self.mixed_score = config.mixed_score
+        self.data_shape = config.data_shape
+        self.is_image = len(config.data_shape) == 3
+        self.net = net if net is not None else _build_net(config.net, config.net_config())
+
+    def alpha(self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # Images: x and v stacked on channels (2C); points: concatenated features (2d).
+        return self.net(torch.cat([x, v], dim=1), t)
+
+    def forward(self, x, v, t):
+        return self.alpha(x, v, t)
+
+    def score(self, x: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
+        """The v-score s_theta(u, t) (sec. 3.2); t a float or (N,) forward times."""
+        t64 = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
+        alpha = self.alpha(x, v, t64.to(x.dtype))
+        return self.cld.score_from_alpha(v, t64, alpha, self.mixed_score)
+
+    def to_data(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> data space: digits back to the levels k/16; points unchanged."""
+        if self.is_image:
+            from fastsample.data import quantize_digits
+            return quantize_digits((x.float() + 1) / 2)
+        return x.float()
+
+    @classmethod
+    def from_checkpoint(cls, state_dict: dict, card) -> "Model":
+        """Rebuild from exactly the card: net_config names the net, sde_config is the Config."""
+        get = card.get if isinstance(card, dict) else lambda k: getattr(card, k)
+        config = Config.from_dict(get("sde_config"))
+        net_cfg = dict(get("net_config"))
+        kind = net_cfg.pop("kind", None)
+        if kind != config.net:
+            raise ValueError(f"cld card: net_config kind {kind!r} does not match sde_config net "
+                             f"{config.net!r}")
+        cfg_cls = UNetConfig if kind == "unet" else MLPConfig
+        net_cfg = cfg_cls.from_dict({k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in net_cfg.items()})
+        model = cls(config, net=_build_net(kind, net_cfg))
+        missing, unexpected = model.net.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"cld checkpoint does not fit its card's net: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return model
+
+
+#-----------------------------------------------------------------------------------------------
+# Training: hybrid score matching (sec. 3.1) with the mixed score (3.2) and a weighting (3.3).
+
+def hsm_loss(net: nn.Module, cld: CLD, x0: torch.Tensor, t: torch.Tensor, eps_x: torch.Tensor,
+             eps_v: torch.Tensor, mixed_score: bool, weighting: str = "reweightedv2"
+             ) -> torch.Tensor:
+    """HSM loss per sample (N,) in fp32. x0, eps_x, eps_v: (N, *shape); t: (N,) float64."""
+    if t.dtype != torch.float64:
+        raise ValueError(f"hsm_loss: t must be float64 (CLD scalars are fp64), got {t.dtype}")
+    x_t, v_t = cld.perturb(x0, t, eps_x, eps_v)
+    alpha = net(torch.cat([x_t, v_t], dim=1), t.to(x0.dtype))
+    ell = cld.ell(t)
+    with torch.autocast(device_type=x0.device.type, enabled=False):
+        view = (-1,) + (1,) * (x0.dim() - 1)
+        # r = s_theta / (-ell): the score in eps units
+        r = alpha.float()
+        if mixed_score:
+            r = r + v_t.float() * (1.0 / (ell * cld.sigma_ref_vv(t))).float().view(view)
+        err = ((r - eps_v.float()) ** 2).flatten(1).sum(1)
+        if weighting == "reweightedv2":
+            return err
+        g = (cld.Gamma * cld.beta(t)).float()
+        if weighting == "reweightedv1":
+            return err * g
+        return err * g * (ell ** 2).float()         # likelihood: (s + ell eps_v)^2 Gamma beta
+
+
+class Family:
+    """The training-loop protocol (fastsample.train.loop.Family) for CLD."""
+
+    name = "cld"
+    released = ("net",)
+
+    def __init__(self, data, config: Config):
+        if tuple(data.x.shape[1:]) != config.data_shape:
+            raise ValueError(f"cld: data {data.name!r} has sample shape {tuple(data.x.shape[1:])} "
+                             f"but Config.data_shape is {config.data_shape}")
+        self.data, self.config = data, config
+        self.cld = CLD(config.cld_config())
+        self.is_image = data.kind == "image"
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": _build_net(self.config.net, self.config.net_config())}
+
+    def optimizers(self, modules):
+        self._opt = torch.optim.Adam(modules["net"].parameters(), lr=self.config.lr)
+        return {"net": self._opt}
+
+    def step(self, ctx, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        x0 = 2 * batch - 1 if self.is_image else batch
+        N = x0.shape[0]
+        eps_l = cfg.loss_eps
+        t = eps_l + (1.0 - eps_l) * ctx.rand(N, dtype=torch.float64)
+        eps_x = ctx.randn(*x0.shape)
+        eps_v = ctx.randn(*x0.shape)
+        loss = hsm_loss(ctx.m("net"), self.cld, x0, t, eps_x, eps_v, cfg.mixed_score,
+                        cfg.weighting).mean()
+        # Warm-up from ctx.step (not a scheduler object) so exact resume needs no extra state.
+        scale = min(1.0, ctx.step / cfg.warmup) if cfg.warmup else 1.0
+        for group in self._opt.param_groups:
+            group["lr"] = cfg.lr * scale
+        ctx.optimize("net", loss)
+        return {"loss": loss.detach()}
+
+    def card(self) -> dict:
+        net_cfg = self.config.net_config()
+        return {"dataset": self.data.name,
+                "net_config": {"kind": self.config.net, **net_cfg.to_dict()},
+                "sde_config": self.config.to_dict()}
+
+    def evaluate(self, ema_modules: dict[str, nn.Module]) -> dict:
+        """Metrics of eval_samples SSCS-QS samples at eval_nfe from the EMA net."""
+        from fastsample import metrics
+        from fastsample.samplers import cld as cld_samplers
+
+        net = ema_modules["net"]
+        model = Model(self.config, net=net).eval()
+        device = next(net.parameters()).device
+        samples, nfe = cld_samplers.sample(model, "sscs", self.config.eval_nfe,
+                                           self.config.eval_samples, seed=0, device=device)
+        out = metrics.evaluate(samples.cpu(), self.data.name)
+        return {**{k: float(v) for k, v in out.items()}, "nfe": nfe}
