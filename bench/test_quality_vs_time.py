@@ -53,6 +53,9 @@ def test_quality_vs_time(benchmark, case):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, card = load_model(path, device=device)
     mod = importlib.import_module(f"fastsample.samplers.{fam}")
+    if steps is None:
+        from fastsample.cli import default_steps
+        steps = default_steps(fam, sampler, model)
     out = {}
 
     def run():

@@ -46,6 +46,9 @@ def test_sampling_speed(benchmark, checkpoints, monkeypatch, case, batch, kernel
     device = "cuda" if CUDA else "cpu"
     model, _ = load_model(checkpoints[fam], device=device)
     mod = importlib.import_module(f"fastsample.samplers.{fam}")
+    if steps is None:
+        from fastsample.cli import default_steps
+        steps = default_steps(fam, sampler, model)
     nfe_box = {}
 
     def run():

@@ -71,6 +71,8 @@ def _train_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--eval-every", type=int, default=0,
                     help="periodic evaluation period (steps); 0 = only at the end")
     sp.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    sp.add_argument("--max-minutes", type=float, default=0.0,
+                    help="stop cleanly after this much training time (0 = no limit)")
     sp.add_argument("--resume", action="store_true",
                     help="continue from DIR/<model>.state.pt if present")
     sp.add_argument("--T", type=int, default=None, help="ddgan: number of denoising steps")
@@ -137,6 +139,8 @@ def cmd_sample(ns: argparse.Namespace) -> int:
                          f"({card.dataset}) model")
     mod = importlib.import_module(f"fastsample.samplers.{card.family}")
     opts = {k: getattr(ns, k) for k in ("schedule", "rtol", "atol") if getattr(ns, k) is not None}
+    if ns.steps is None:
+        ns.steps = default_steps(card.family, ns.sampler, model)
     t0 = time.perf_counter()
     samples, nfe = mod.sample(model, ns.sampler, ns.steps, ns.num, ns.seed, ns.device,
                               batch=ns.batch, **opts)
@@ -170,6 +174,17 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     out.write_text(text + "\n", encoding="utf-8")
     print(text)
     return 0
+
+
+# Default step budgets when --steps is not given (ode samplers are adaptive: steps is ignored).
+DEFAULT_STEPS = {("cld", "sscs"): 50, ("cld", "em"): 50, ("lsgm", "em"): 100,
+                 ("ddpm", "ancestral"): 1000, ("ddpm", "ddim"): 50, ("ddpm", "em"): 1000}
+
+
+def default_steps(family: str, sampler: str, model) -> int:
+    if family == "ddgan":
+        return int(model.T)          # a DDGAN samples with the T it was trained for
+    return DEFAULT_STEPS.get((family, sampler), 1)
 
 
 # The fast sampler each family's demo uses, at its default budget.
@@ -206,6 +221,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         model, card = load_model(path, device=ns.device)
         mod = importlib.import_module(f"fastsample.samplers.{fam}")
         t0 = time.perf_counter()
+        steps = steps if steps is not None else default_steps(fam, sampler, model)
         x, nfe = mod.sample(model, sampler, steps, ns.num, ns.seed, ns.device, **opts)
         sec = time.perf_counter() - t0
         x = x.float().cpu()
@@ -248,7 +264,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         steps=ns.steps or cfg.train_steps, batch_size=ns.batch_size or cfg.batch_size,
         ema_decay=cfg.ema_decay if ns.ema is None else ns.ema, amp=ns.amp, seed=ns.seed,
         device=ns.device, ckpt_every=ns.ckpt_every, log_every=ns.log_every,
-        eval_every=ns.eval_every, progress=not ns.no_progress)
+        eval_every=ns.eval_every, progress=not ns.no_progress, max_minutes=ns.max_minutes)
     if ns.dry_run:
         print(json.dumps({"family": ns.model, "data": ns.data,
                           "config": dataclasses.asdict(cfg),

@@ -122,3 +122,13 @@ def test_bad_config():
         TrainConfig(amp="fp8")
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
+
+
+def test_time_limit_stops_cleanly_with_a_final_checkpoint(tmp_path):
+    cfg = TrainConfig(steps=10_000, batch_size=8, log_every=1, progress=False,
+                      max_minutes=0.5 / 60)
+    train(TinyFamily(sleep=0.01), sample_batch, cfg, tmp_path)
+    sd, card = ck.load_checkpoint(tmp_path / "ddpm.safetensors")
+    assert 0 < card.train_steps < 10_000
+    assert card.extra["stopped_by_time_limit"] is True
+    assert ck.load_training_state(tmp_path / "ddpm.state.pt")["step"] == card.train_steps

@@ -48,6 +48,8 @@ class TrainConfig:
     eval_every: int = 0             # periodic family.evaluate() period; 0 = only at the end
     seed: int = 0
     device: str = "cpu"
+    max_minutes: float = 0.0        # stop cleanly (final checkpoint + eval) after this much
+                                    # training wall time; 0 = no limit. The card records it.
     progress: bool = True           # tqdm bar (rank 0 only)
 
     def __post_init__(self):
@@ -166,6 +168,7 @@ class _Loop:
         self.step = 0
         self.last_ckpt: str | None = None
         self.wall = 0.0
+        self.stopped_early = False
 
     def _wrap(self, m: nn.Module) -> nn.Module:
         if not self.info.enabled or not any(p.requires_grad for p in m.parameters()):
@@ -220,7 +223,7 @@ class _Loop:
                 family=self.family.name, train_steps=self.step, seed=self.cfg.seed,
                 wall_time_s=round(self.wall, 3),
                 extra={"train_config": asdict(self.cfg), "metrics": metrics or {},
-                       **self.card_extra},
+                       "stopped_by_time_limit": self.stopped_early, **self.card_extra},
                 **self.family.card())
             ck.save_training_state(self.state_path, self.training_state())
             ck.save_checkpoint(self.ckpt_path, released, card)
@@ -277,6 +280,9 @@ class _Loop:
                     metrics = self._evaluate(log)
                 if self.step % self.cfg.ckpt_every == 0 and self.step < self.cfg.steps:
                     self.save(metrics)
+                if self.cfg.max_minutes and self.wall >= 60 * self.cfg.max_minutes:
+                    self.stopped_early = True
+                    break
             if self.evaluate is not None:
                 metrics = self._evaluate(log)
             self.save(metrics)

@@ -30,14 +30,16 @@ def _dest(family: str, data: str, out: Path) -> Path:
     return out / folder / f"{family}.safetensors"
 
 
-def release_one(spec: str, device: str, runs: Path, out: Path, commit: str | None) -> dict:
+def release_one(spec: str, device: str, runs: Path, out: Path, commit: str | None,
+                train_args: tuple[str, ...] = ()) -> dict:
     from fastsample import checkpoint as ck
 
     family, data = spec.split(":", 1)
     run_dir = runs / f"{family}-{data.replace(':', '-')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "fastsample", "train", "--model", family, "--data", data,
-           "--out", str(run_dir), "--seed", str(SEED), "--device", device, "--no-progress"]
+           "--out", str(run_dir), "--seed", str(SEED), "--device", device, "--no-progress",
+           *train_args]
     t0 = time.time()
     with open(run_dir / "stdout.log", "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
@@ -70,6 +72,10 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated FAMILY:DATA subset")
     p.add_argument("--runs", default=str(ROOT / "runs" / "release"))
     p.add_argument("--out", default=str(ROOT / "checkpoints"))
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="passed to every `fastsample train` (0 = train to the default steps)")
+    p.add_argument("--set", action="append", default=[], metavar="FAMILY:DATA:KEY=VALUE",
+                   help="a --set override for one released model (repeatable)")
     p.add_argument("--commit", default=os.environ.get("FASTSAMPLE_COMMIT"),
                    help="git commit to record when the tree has no .git")
     a = p.parse_args(argv)
@@ -79,7 +85,15 @@ def main(argv=None) -> int:
         p.error(f"unknown release spec(s) {unknown}; choose from {', '.join(RELEASED)}")
     runs, out = Path(a.runs), Path(a.out)
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-        futs = {s: pool.submit(release_one, s, a.device, runs, out, a.commit) for s in specs}
+        def args_for(spec):
+            extra = ["--max-minutes", str(a.max_minutes)] if a.max_minutes else []
+            for item in a.set:
+                target, _, kv = item.rpartition(":")
+                if target == spec:
+                    extra += ["--set", kv]
+            return tuple(extra)
+        futs = {s: pool.submit(release_one, s, a.device, runs, out, a.commit, args_for(s))
+                for s in specs}
         results, failed = [], []
         for s, f in futs.items():
             try:
