@@ -4,7 +4,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean checkpoints
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m pytest --benchmark bench/
+
+# Retrains every released checkpoint with `fastsample train` defaults (CPU: expect ~20 min per
+# digits model on 2 cores; DEVICE=cuda JOBS=7 trains them side by side on one GPU).
+DEVICE ?= cpu
+JOBS   ?= 1
+checkpoints: $(STAMP)
+	$(VPY) -m fastsample.train.release --device $(DEVICE) --jobs $(JOBS)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

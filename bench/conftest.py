@@ -48,7 +48,8 @@ def device_name(device) -> str:
 def run_bench(benchmark, device, device_name):
     """run_bench(fn, bytes_moved, impl, dtype, shape): times LAUNCHES_PER_ROUND calls of fn per
     round (synchronised inside the timed callable on CUDA) and records the per-call numbers."""
-    def run(fn, bytes_moved: int, impl: str, dtype: torch.dtype, shape, rounds: int | None = None):
+    def run(fn, bytes_moved: int, impl: str, dtype: torch.dtype, shape, rounds: int | None = None,
+            calls_per_fn: int = 1):
         rounds = rounds or (20 if device.type == "cuda" else 5)
         def loop():
             for _ in range(LAUNCHES_PER_ROUND):
@@ -58,12 +59,13 @@ def run_bench(benchmark, device, device_name):
         # warm-up and compilation stay outside the timed rounds
         loop()
         benchmark.pedantic(loop, warmup_rounds=3, rounds=rounds, iterations=1)
-        seconds = benchmark.stats.stats.median / LAUNCHES_PER_ROUND
+        # calls_per_fn > 1: fn replays a CUDA graph holding that many calls
+        seconds = benchmark.stats.stats.median / LAUNCHES_PER_ROUND / calls_per_fn
         gbps = bytes_moved / seconds / 1e9
         peak = peak_bandwidth(device_name) if device.type == "cuda" else None
         benchmark.extra_info.update(
             device=device_name, impl=impl, dtype=str(dtype).replace("torch.", ""),
             shape=list(shape), bytes_moved=int(bytes_moved), us_per_call=seconds * 1e6,
             achieved_GBps=gbps, fraction_of_peak=(gbps * 1e9 / peak) if peak else None,
-            launches_per_round=LAUNCHES_PER_ROUND)
+            launches_per_round=LAUNCHES_PER_ROUND * calls_per_fn)
     return run

@@ -17,7 +17,7 @@ from fastsample.kernels.affine import (affine1_noise_, affine1_noise_ref, affine
 from fastsample.kernels.group_norm import group_norm_silu_ref, group_norm_silu_triton
 
 CUDA = torch.cuda.is_available()
-IMPLS = ["triton", "eager", "compile"]
+IMPLS = ["triton", "triton-graph", "eager", "compile"]
 
 # A half step of cld.md sec. 5.3 (b = 0.1) and its noise Cholesky factor.
 T_STEP = (0.9824769037, -0.3274923012, 0.08187307531, 0.6549846025)
@@ -25,7 +25,7 @@ K_STEP = (0.08903, -0.30117, 0.20628)
 
 
 def _skip_unless_runnable(impl: str, numel: int) -> None:
-    if impl == "triton" and not (CUDA and HAS_TRITON and not INTERPRETED):
+    if impl.startswith("triton") and not (CUDA and HAS_TRITON and not INTERPRETED):
         pytest.skip("the Triton kernel is benched on CUDA only")
     if not CUDA and numel > (1 << 20):
         pytest.skip("large sizes are benched on CUDA only")
@@ -35,7 +35,7 @@ _compiled = {}
 
 
 def _pick(impl: str, kernel, twin):
-    if impl == "triton":
+    if impl.startswith("triton"):
         return kernel
     if impl == "eager":
         return twin
@@ -44,7 +44,29 @@ def _pick(impl: str, kernel, twin):
     return _compiled[twin]
 
 
+GRAPH_CALLS = 20
+
+
+def _graphed(step):
+    """GRAPH_CALLS calls of `step` captured in one CUDA graph: replaying it measures the device
+    time of the kernels without the host's per-launch cost (what the runtime Engine gets)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(GRAPH_CALLS):
+            step()
+    return g.replay
+
+
 def _try_run(run_bench, fn, nbytes, impl, dtype, shape):
+    if impl == "triton-graph":
+        run_bench(_graphed(fn), nbytes, impl=impl, dtype=dtype, shape=shape,
+                  calls_per_fn=GRAPH_CALLS)
+        return
     try:
         run_bench(fn, nbytes, impl=impl, dtype=dtype, shape=shape)
     except Exception as exc:

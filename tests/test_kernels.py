@@ -483,3 +483,22 @@ def test_cld_em_coeffs_validation():
         dispatch.cld_em_coeffs(0.1, 4.0, 4.0, 1.0, 2.0, SigmaRef_vv=0.0)
     with pytest.raises(TypeError, match="CLDEMCoeffs"):
         dispatch.cld_em_step_(torch.zeros(3), torch.zeros(3), None, (1, 2, 3), None, 0)
+
+
+def test_group_norm_silu_keeps_gradients_under_auto_and_refuses_forced_triton(monkeypatch):
+    """Training through the U-Net must differentiate GroupNorm: the kernel is forward-only."""
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    w = torch.randn(4, requires_grad=True)
+    monkeypatch.setenv("FASTSAMPLE_KERNELS", "auto")
+    y = dispatch.group_norm_silu(x, 2, w, None)
+    y.sum().backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref_w = w.detach().clone().requires_grad_(True)
+    group_norm_silu_ref(ref_x, 2, ref_w, None).sum().backward()
+    assert torch.allclose(x.grad, ref_x.grad) and torch.allclose(w.grad, ref_w.grad)
+    monkeypatch.setenv("FASTSAMPLE_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="inference-only"):
+        dispatch.group_norm_silu(x, 2, w, None)
+    with torch.no_grad():   # inference under forced triton still runs (interpreter on CPU)
+        out = dispatch.group_norm_silu(x, 2, w, None)
+    assert torch.allclose(out, group_norm_silu_ref(x.detach(), 2, w.detach(), None), atol=1e-5)

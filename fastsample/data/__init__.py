@@ -34,7 +34,8 @@ TOY2D_TEST_SIZE = 8192
 
 __all__ = [
     "DIGITS_LEVELS", "DIGITS_TEST_FRACTION", "Dataset", "SPEC_FORMS", "TOY2D_TEST_SIZE",
-    "TOY2D_TRAIN_SIZE", "dequantize_digits", "load_dataset", "parse_spec", "quantize_digits",
+    "TOY2D_TRAIN_SIZE", "dequantize_digits", "load_dataset", "load_toy2d", "parse_spec",
+    "quantize_digits",
 ]
 
 

@@ -50,7 +50,16 @@ def use_triton(x: torch.Tensor) -> bool:
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight, bias, scale=None, shift=None,
                     eps: float = 1e-5, silu: bool = True) -> torch.Tensor:
     """Fused GroupNorm + affine + (1 + scale) * . + shift + SiLU; see kernels/group_norm.py."""
-    impl = group_norm_silu_triton if use_triton(x) else group_norm_silu_ref
+    triton = use_triton(x)
+    if triton and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, scale, shift)):
+        # The kernel is an inference forward (no backward): training keeps the twin, which
+        # autograd differentiates. Forcing the kernel here would silently drop gradients.
+        if backend() == "triton":
+            raise RuntimeError("group_norm_silu: the Triton kernel is inference-only, but a "
+                               "gradient is required; unset FASTSAMPLE_KERNELS=triton to train")
+        triton = False
+    impl = group_norm_silu_triton if triton else group_norm_silu_ref
     return impl(x, num_groups, weight, bias, scale, shift, eps, silu)
 
 

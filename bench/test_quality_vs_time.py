@@ -1,0 +1,70 @@
+"""Quality vs sampling time on the released digits checkpoints: the paper's Figure 8 in miniature.
+
+Each case samples NUM digits (default 2000; FASTSAMPLE_BENCH_NUM overrides) with one sampler of
+one family, times the sampling call once (pytest-benchmark, one round: a 1000-step sampler is the
+benchmark, not a micro-op), and records FD / C2ST / coverage / NFE / time per sample in
+extra_info. `python bench/report.py quality <json>` turns the run into the table and the
+log-time vs FD plot. Cases whose checkpoint is missing are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "checkpoints" / "digits"
+NUM = int(os.environ.get("FASTSAMPLE_BENCH_NUM", "2000"))
+SEED = 1234
+
+# (family, sampler, steps, options) — DDGAN at its trained T; CLD with quadratic striding.
+CASES = (
+    [("ddgan", "posterior", None, {})]
+    + [("cld", s, n, {"schedule": "quadratic"}) for s in ("sscs", "em") for n in (20, 50, 100, 200)]
+    + [("cld", "ode", None, {"rtol": 1e-5, "atol": 1e-5})]
+    + [("lsgm", "ode", None, {"rtol": tol, "atol": tol}) for tol in (1e-5, 1e-3)]
+    + [("ddpm", "ancestral", 1000, {})]
+    + [("ddpm", "ddim", n, {}) for n in (10, 50, 100)]
+    + [("ddpm", "ode", None, {"rtol": 1e-5, "atol": 1e-5})]
+)
+
+
+def _id(case):
+    fam, sampler, steps, opts = case
+    tail = f"-{steps}" if steps else ""
+    tol = f"-tol{opts['rtol']:g}" if "rtol" in opts else ""
+    return f"{fam}-{sampler}{tail}{tol}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_quality_vs_time(benchmark, case):
+    from fastsample.metrics import evaluate
+    from fastsample.models import load_model
+
+    fam, sampler, steps, opts = case
+    path = CKPT / f"{fam}.safetensors"
+    if not path.exists():
+        pytest.skip(f"no released checkpoint {path.relative_to(ROOT)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, card = load_model(path, device=device)
+    mod = importlib.import_module(f"fastsample.samplers.{fam}")
+    out = {}
+
+    def run():
+        t0 = time.perf_counter()
+        x, nfe = mod.sample(model, sampler, steps, NUM, SEED, device, **opts)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out.update(x=x, nfe=nfe, seconds=time.perf_counter() - t0)
+
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    metrics = evaluate(out["x"].float().cpu(), "digits", seed=0)
+    benchmark.extra_info.update(
+        family=fam, sampler=sampler, steps=steps, options=opts, num=NUM, device=device,
+        nfe=int(out["nfe"]), seconds=out["seconds"], ms_per_sample=1e3 * out["seconds"] / NUM,
+        threads=torch.get_num_threads(), checkpoint_steps=card.train_steps, **metrics)

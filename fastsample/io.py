@@ -1,0 +1,85 @@
+"""Sample files (.npz) and PNG previews: atomic writes and validated reads."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def atomic_save_npz(path, **arrays) -> None:
+    """np.savez to a temp file beside `path`, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_samples_npz(path) -> tuple[torch.Tensor, dict]:
+    """Read a `fastsample sample` file: (samples float32 tensor, {nfe, seconds, ...})."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "samples" not in z.files:
+                raise ValueError(f"{path}: no `samples` array (keys: {', '.join(z.files)})")
+            samples = np.asarray(z["samples"], dtype=np.float32)
+            meta = {k: z[k].item() for k in z.files if k != "samples" and z[k].ndim == 0}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if not np.isfinite(samples).all():
+        raise ValueError(f"{path}: samples contain NaN or inf")
+    return torch.from_numpy(samples), meta
+
+
+def save_png(path, samples: np.ndarray, cols: int | None = None) -> None:
+    """Image samples (K,C,H,W) in [0,1] -> a grid; 2D samples (K,2) -> a scatter plot."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if samples.ndim == 2 and samples.shape[1] == 2:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+        ax.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.5)
+        ax.set_aspect("equal")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return
+    if samples.ndim != 4 or samples.shape[1] not in (1, 3):
+        raise ValueError(f"cannot draw samples of shape {samples.shape}; expected (K,C,H,W) "
+                         f"with C in (1,3) or (K,2)")
+    from PIL import Image
+    k, c, h, w = samples.shape
+    cols = cols or max(1, math.ceil(math.sqrt(k)))
+    if cols < 1:
+        raise ValueError(f"grid columns must be >= 1, got {cols}")
+    rows = math.ceil(k / cols)
+    pad = 1
+    grid = np.ones((c, rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.float32)
+    for i in range(k):
+        r, q = divmod(i, cols)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h,
+             pad + q * (w + pad):pad + q * (w + pad) + w] = samples[i]
+    img = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
+    scale = max(1, 256 // max(grid.shape[1:]))    # 8x8 digits: blow up so they can be seen
+    arr = img[0] if c == 1 else img.transpose(1, 2, 0)
+    im = Image.fromarray(arr)
+    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    im.save(path)

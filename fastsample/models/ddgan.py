@@ -1,0 +1,356 @@
+"""Denoising Diffusion GAN (reference/ddgan.md): a conditional GAN models the multimodal
+denoising distribution p(x_{i-1} | x_i) of a T-step VP chain (T = 4 by default).
+
+Generator x_0' = G(x_i, z, i) (U-Net with AdaGN of z for images, TimeMLP with z for 2D points),
+then x'_{i-1} ~ q(x_{i-1} | x_i, x_0') (sec. 2). Discriminator D(x_{i-1}, x_i, i) (sec. 3),
+non-saturating loss, lazy R1 penalty on real x_{i-1}, Adam(0.5, 0.9), separate G/D learning
+rates with cosine decay, EMA of G. Only the generator is released; D lives in the training state.
+
+Spaces: the model works in [-1, 1] for images (x = 2y - 1 of the dequantised data y) and in the
+data's own coordinates for 2D points; `Model.to_data` maps samples back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastsample.nets import (Discriminator, DiscriminatorConfig, MLPConfig, TimeMLP, UNet,
+                             UNetConfig)
+from fastsample.sde import ddgan_schedule
+
+SAMPLERS = ("posterior",)
+ARCHS = ("unet", "mlp")
+_UNET_PRESET_BY_RESOLUTION = {8: "digits8", 32: "img32", 64: "img64"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config.
+
+@dataclass(frozen=True)
+class Config:
+    T: int = 4                      # denoising steps = generator calls per sample (sec. 1)
+    z_dim: int = 32                 # latent z size fed to G (sec. 2)
+    arch: str = "unet"              # "unet" (images) | "mlp" (2D points); set by default_config
+    base_ch: int = 32               # U-Net generator channels at the first level
+    disc_base_ch: int = 32          # image discriminator channels at the first level
+    disc_ch_mult: tuple = (1, 2, 2) # image discriminator channel multipliers (8 -> 4 -> 2)
+    hidden: int = 128               # MLP width (G and D, 2D only)
+    num_layers: int = 4             # MLP hidden layers (G and D, 2D only)
+    lr_g: float = 1.6e-4            # generator Adam lr (sec. 3)
+    lr_d: float = 1.25e-4           # discriminator Adam lr (sec. 3)
+    beta1: float = 0.5              # Adam beta1 (sec. 3)
+    beta2: float = 0.9              # Adam beta2 (sec. 3)
+    lr_min_frac: float = 0.1        # cosine decay ends at lr * lr_min_frac; 1 = constant lr
+    r1_gamma: float = 0.02          # R1 weight: gamma/2 E||grad_x D(x_real)||^2 (sec. 3)
+    lazy_reg: int = 15              # R1 every lazy_reg steps, scaled by lazy_reg; 1 = every step
+    eps: float = 1e-3               # schedule: forward time of x_0 (sec. 1)
+    beta_min: float = 0.1           # schedule: VP beta(0)
+    beta_max: float = 20.0          # schedule: VP beta(1)
+    eval_samples: int = 1000        # samples drawn by Family.evaluate
+    train_steps: int = 4000         # default optimiser steps (the CLI reads it)
+    batch_size: int = 64            # default global batch (the CLI reads it)
+    ema_decay: float = 0.999        # EMA of G weights (the CLI reads it)
+
+    def __post_init__(self):
+        object.__setattr__(self, "disc_ch_mult", tuple(self.disc_ch_mult))
+        for name in ("T", "z_dim", "base_ch", "disc_base_ch", "hidden", "num_layers", "lazy_reg",
+                     "eval_samples", "train_steps", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ddgan Config.{name} = {v!r}; must be an int >= 1")
+        if self.arch not in ARCHS:
+            raise ValueError(f"ddgan Config.arch = {self.arch!r}; choose one of {'|'.join(ARCHS)}")
+        for name in ("lr_g", "lr_d"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ddgan Config.{name} = {getattr(self, name)!r}; must be > 0")
+        for name in ("beta1", "beta2", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"ddgan Config.{name} = {getattr(self, name)!r}; must be in [0, 1)")
+        if not 0 < self.lr_min_frac <= 1:
+            raise ValueError(f"ddgan Config.lr_min_frac = {self.lr_min_frac!r}; must be in (0, 1]")
+        if not self.r1_gamma >= 0:
+            raise ValueError(f"ddgan Config.r1_gamma = {self.r1_gamma!r}; must be >= 0")
+
+
+def default_config(data) -> Config:
+    """Digits / images: U-Net G, conv D; 6000 steps ~ 20 min at the ~5 it/s measured on the
+    shared 2-core CPU (batch 64). 2D points: MLPs, batch 256, higher lrs (at ddgan.md's lrs the
+    MLP critic learns too slowly and G collapses to a line); 4000 steps ~ 1.5 min at ~45 it/s,
+    all 25 grid25 modes by step 2000."""
+    if data.kind == "image":
+        return Config(arch="unet", z_dim=32, lr_g=1.6e-4, lr_d=1.25e-4, train_steps=6000,
+                      batch_size=64, ema_decay=0.999)
+    return Config(arch="mlp", z_dim=8, lr_g=5e-4, lr_d=1e-3, r1_gamma=0.05, lazy_reg=1,
+                  train_steps=4000, batch_size=256, ema_decay=0.995)
+
+
+def schedule_of(cfg: Config):
+    return ddgan_schedule(cfg.T, eps=cfg.eps, beta_min=cfg.beta_min, beta_max=cfg.beta_max)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks built from (Config, data shape).
+
+def generator_config(cfg: Config, data_shape: tuple) -> UNetConfig | MLPConfig:
+    """G's net config: the time input is the step index i (sinusoidal, time_scale 1)."""
+    if cfg.arch == "unet":
+        C, H, W = data_shape
+        if H != W or H not in _UNET_PRESET_BY_RESOLUTION:
+            raise ValueError(f"ddgan: image shape {tuple(data_shape)} has no U-Net preset; square "
+                             f"resolutions {sorted(_UNET_PRESET_BY_RESOLUTION)} are supported")
+        return UNetConfig.preset(_UNET_PRESET_BY_RESOLUTION[H], in_ch=C, out_ch=C,
+                                 base_ch=cfg.base_ch, z_dim=cfg.z_dim,
+                                 time_embedding="sinusoidal", time_scale=1.0)
+    (D,) = data_shape
+    return MLPConfig(in_dim=D, out_dim=D, hidden=cfg.hidden, num_layers=cfg.num_layers,
+                     z_dim=cfg.z_dim, time_embedding="sinusoidal", time_scale=1.0)
+
+
+def build_generator(net_cfg: UNetConfig | MLPConfig) -> nn.Module:
+    return UNet(net_cfg) if isinstance(net_cfg, UNetConfig) else TimeMLP(net_cfg)
+
+
+class MLPDiscriminator(nn.Module):
+    """D(x_prev (N, D), x_t (N, D), t (N,)) -> logits (N,) for 2D points."""
+
+    def __init__(self, cfg: MLPConfig):
+        super().__init__()
+        self.net = TimeMLP(cfg)
+
+    def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x_prev, x_t], dim=1), t)[:, 0]
+
+
+def build_discriminator(cfg: Config, data_shape: tuple) -> nn.Module:
+    if cfg.arch == "unet":
+        C, H, _ = data_shape
+        return Discriminator(DiscriminatorConfig(in_ch=C, resolution=H, base_ch=cfg.disc_base_ch,
+                                                 ch_mult=cfg.disc_ch_mult, time_scale=1.0))
+    (D,) = data_shape
+    # A zero output layer would leave D blind at the start; a GAN wants a live critic from step 1.
+    return MLPDiscriminator(MLPConfig(in_dim=2 * D, out_dim=1, hidden=cfg.hidden,
+                                      num_layers=cfg.num_layers, time_embedding="sinusoidal",
+                                      time_scale=1.0, zero_init_out=False))
+
+
+def _check_arch(cfg: Config, kind: str) -> None:
+    want = "unet" if kind == "image" else "mlp"
+    if cfg.arch != want:
+        raise ValueError(f"ddgan Config.arch = {cfg.arch!r} does not fit {kind} data; use {want!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data space <-> model space.
+
+def to_model(x: torch.Tensor, kind: str) -> torch.Tensor:
+    return 2.0 * x - 1.0 if kind == "image" else x
+
+
+def to_data(x: torch.Tensor, kind: str, dataset: str) -> torch.Tensor:
+    if kind == "points":
+        return x.float()
+    y = (x.float() + 1.0) / 2.0
+    if dataset == "digits":
+        from fastsample.data import quantize_digits
+        return quantize_digits(y)
+    return y.clamp(0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The released model: EMA generator + schedule.
+
+class Model(nn.Module):
+    """Sampling-ready DDGAN: `denoise(x_i, z, i)` is G; `schedule` the T-step DDGANSchedule."""
+
+    family = "ddgan"
+
+    def __init__(self, cfg: Config, dataset: str, kind: str, data_shape: tuple):
+        super().__init__()
+        _check_arch(cfg, kind)
+        self.cfg, self.dataset, self.kind = cfg, dataset, kind
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.generator = build_generator(generator_config(cfg, self.data_shape))
+        self.schedule = schedule_of(cfg)
+
+    @property
+    def T(self) -> int:
+        return self.cfg.T
+
+    @property
+    def z_dim(self) -> int:
+        return self.cfg.z_dim
+
+    def denoise(self, x_i: torch.Tensor, z: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """x_0' = G(x_i, z, i): x_i (N, *data_shape), z (N, z_dim), i (N,) float step index."""
+        return self.generator(x_i, i, z)
+
+    forward = denoise
+
+    def to_data(self, x: torch.Tensor) -> torch.Tensor:
+        return to_data(x, self.kind, self.dataset)
+
+    @classmethod
+    def from_checkpoint(cls, state_dict: dict, card) -> "Model":
+        net = card.net_config if hasattr(card, "net_config") else card["net_config"]
+        dataset = card.dataset if hasattr(card, "dataset") else card["dataset"]
+        try:
+            cfg = Config(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in net["config"].items()})
+            model = cls(cfg, dataset, net["kind"], tuple(net["data_shape"]))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"ddgan checkpoint card: net_config is missing or has a bad field "
+                             f"({e}); expected keys config, kind, data_shape") from None
+        model.generator.load_state_dict(state_dict)
+        return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (the shared loop's Family protocol).
+
+class Family:
+    """DDGAN training step (sec. 3): one D update (with lazy R1), then one G update."""
+
+    name = "ddgan"
+    released = ("generator",)
+
+    def __init__(self, data, config: Config):
+        _check_arch(config, data.kind)
+        self.data, self.cfg = data, config
+        self.kind = data.kind
+        self.data_shape = tuple(data.x.shape[1:])
+        self.schedule = schedule_of(config)
+        sch = self.schedule
+        # Float64 tables on the host, indexed by the step i, cast once per step to the batch.
+        self._sqrt_ab = torch.sqrt(sch.alpha_bar).float()
+        self._sqrt_1m_ab = torch.sqrt(1.0 - sch.alpha_bar).float()
+        self._sqrt_alpha = torch.sqrt(sch.alpha).float()
+        self._sqrt_beta = torch.sqrt(sch.beta).float()
+        self._c0, self._c1 = sch.c0.float(), sch.c1.float()
+        # The last step (i = 1) has sigma_post = 0 exactly; NaN at index 0 is never read.
+        self._sigma_post = torch.sqrt(sch.sigma2_post.clamp(min=0)).float()
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"generator": build_generator(generator_config(self.cfg, self.data_shape)),
+                "discriminator": build_discriminator(self.cfg, self.data_shape)}
+
+    def optimizers(self, modules):
+        c = self.cfg
+        # Kept so step() can set the cosine lr; the loop restores their state in place on resume.
+        self._opts = {"disc": torch.optim.Adam(modules["discriminator"].parameters(), lr=c.lr_d,
+                                         betas=(c.beta1, c.beta2)),
+                "gen": torch.optim.Adam(modules["generator"].parameters(), lr=c.lr_g,
+                                        betas=(c.beta1, c.beta2))}
+        return self._opts
+
+    def _coef(self, table: torch.Tensor, i: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return table[i].to(x.device).view(-1, *([1] * (x.dim() - 1)))
+
+    def _set_lr(self, ctx) -> None:
+        # Cosine decay from lr to lr * lr_min_frac over train_steps, set from the step counter so
+        # resume needs no scheduler state.
+        c = self.cfg
+        frac = min(ctx.step - 1, c.train_steps) / c.train_steps
+        scale = c.lr_min_frac + (1 - c.lr_min_frac) * 0.5 * (1 + math.cos(math.pi * frac))
+        for name, lr in (("disc", c.lr_d), ("gen", c.lr_g)):
+            for g in self._opts[name].param_groups:
+                g["lr"] = lr * scale
+
+    def step(self, ctx, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        self._set_lr(ctx)
+        x0 = to_model(batch, self.kind)
+        N = x0.shape[0]
+        G, D = ctx.m("generator"), ctx.m("discriminator")
+
+        # Real pair: x_{i-1} ~ q(x_{i-1} | x_0), x_i ~ q(x_i | x_{i-1}), i uniform in 1..T.
+        i = ctx.randint(c.T, N).cpu() + 1
+        t = i.to(device=x0.device, dtype=torch.float32)
+        x_prev = (self._coef(self._sqrt_ab, i - 1, x0) * x0
+                  + self._coef(self._sqrt_1m_ab, i - 1, x0) * ctx.randn(*x0.shape))
+        x_i = (self._coef(self._sqrt_alpha, i, x0) * x_prev
+               + self._coef(self._sqrt_beta, i, x0) * ctx.randn(*x0.shape))
+
+        # Fake pair: x_0' = G(x_i, z, i), x'_{i-1} ~ q(x_{i-1} | x_i, x_0').
+        z = ctx.randn(N, c.z_dim)
+        x0_pred = G(x_i, t, z)
+        x_fake = (self._coef(self._c0, i, x0) * x0_pred + self._coef(self._c1, i, x0) * x_i
+                  + self._coef(self._sigma_post, i, x0) * ctx.randn(*x0.shape))
+
+        # D step: one forward over [real; fake] (GroupNorm is per sample, so this equals two
+        # forwards, and DDP sees one forward per backward).
+        do_r1 = c.r1_gamma > 0 and ctx.step % c.lazy_reg == 0
+        x_real = x_prev.detach().requires_grad_(do_r1)
+        logits = D(torch.cat([x_real, x_fake.detach()]), torch.cat([x_i, x_i]), torch.cat([t, t]))
+        d_real, d_fake = logits[:N], logits[N:]
+        loss_d_real = F.softplus(-d_real).mean()
+        loss_d_fake = F.softplus(d_fake).mean()
+        loss_d = loss_d_real + loss_d_fake
+        r1 = torch.zeros((), device=x0.device)
+        if do_r1:
+            (grad,) = torch.autograd.grad(d_real.sum(), x_real, create_graph=True)
+            r1 = grad.pow(2).flatten(1).sum(1).mean()
+            loss_d = loss_d + 0.5 * c.r1_gamma * c.lazy_reg * r1
+        ctx.optimize("disc", loss_d)
+
+        # G step: non-saturating loss against the updated D.
+        loss_g = F.softplus(-D(x_fake, x_i, t)).mean()
+        ctx.optimize("gen", loss_g)
+        out = {"loss_d": loss_d.detach(), "loss_d_real": loss_d_real.detach(),
+               "loss_d_fake": loss_d_fake.detach(), "loss_g": loss_g.detach()}
+        if do_r1:
+            out["r1"] = r1.detach()
+        return out
+
+    def card(self) -> dict:
+        gcfg = generator_config(self.cfg, self.data_shape)
+        return {"dataset": self.data.name,
+                "net_config": {"config": _json_safe(asdict(self.cfg)), "kind": self.kind,
+                               "data_shape": list(self.data_shape),
+                               "generator": _json_safe(gcfg.to_dict())},
+                "sde_config": {"kind": "ddgan_schedule", "T": self.cfg.T, "eps": self.cfg.eps,
+                               "beta_min": self.cfg.beta_min, "beta_max": self.cfg.beta_max}}
+
+    def evaluate(self, ema_modules: dict) -> dict:
+        """Metrics of cfg.eval_samples posterior samples from the EMA generator."""
+        from fastsample import metrics
+        from fastsample.samplers import ddgan as sampler
+        model = Model(self.cfg, self.data.name, self.kind, self.data_shape)
+        model.generator.load_state_dict(ema_modules["generator"].state_dict())
+        device = next(ema_modules["generator"].parameters()).device
+        model = model.to(device).eval()
+        x, nfe = sampler.sample(model, "posterior", self.cfg.T, self.cfg.eval_samples, seed=0,
+                                device=device)
+        if self.data.name == "digits" or self.data.name.startswith("toy2d:"):
+            out = metrics.evaluate(x.cpu(), self.data.name)
+        else:
+            out = {"n": len(x)}
+        if self.data.name == "toy2d:grid25":
+            out.update(grid25_modes(x.cpu()))
+        out["nfe"] = nfe
+        return out
+
+
+def grid25_modes(x: torch.Tensor, min_share: float = 0.2) -> dict:
+    """grid25 mode coverage by the nearest-mean rule: every sample belongs to its nearest mean; a
+    mode is hit when it holds at least min_share of the uniform share 1/25 of the samples.
+    Also the share of samples within 3 component stds of their mean (sample sharpness)."""
+    from fastsample.data.toy2d import grid25
+    mix = grid25().mixture
+    means, std = mix.means.float(), float(mix.stds[0])
+    dist, k = torch.cdist(x.float(), means).min(dim=1)  # nearest mean per sample
+    counts = torch.bincount(k, minlength=len(means))
+    hit = int((counts >= min_share * len(x) / len(means)).sum())
+    return {"modes_hit": hit, "within_3std": float((dist < 3 * std).float().mean())}
+
+
+def _json_safe(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+__all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS", "grid25_modes",
+           "generator_config", "build_generator", "build_discriminator", "schedule_of"]

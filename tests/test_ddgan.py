@@ -1,0 +1,175 @@
+"""DDGAN family: config, data-space maps, training step on the shared loop (toy2d and 8x8
+digits), checkpoint round trip, exact resume, the T-mismatch error and the grid25 mode count."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from fastsample.data import Dataset, dequantize_digits, load_dataset
+from fastsample.data.toy2d import grid25
+from fastsample.metrics import sliced_wasserstein
+from fastsample.models import ddgan, load_model, make_config
+from fastsample.samplers import ddgan as S
+from fastsample.train import TrainConfig, train
+from fastsample.train.batches import batch_sampler
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny nets run fastest on one thread; on the shared 2-core box two threads spin.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    x = grid25().sample(4096, torch.Generator().manual_seed(0))
+    return Dataset(name="toy2d:grid25", kind="points", x=x, labels=None, split="train")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _train(data, out, steps, cfg=None, resume=False, ckpt_every=500, batch=32, ema=0.9):
+    cfg = cfg or ddgan.default_config(data)
+    fam = ddgan.Family(data, cfg)
+    tcfg = TrainConfig(steps=steps, batch_size=batch, ema_decay=ema, progress=False, log_every=1,
+                       ckpt_every=ckpt_every)
+    train(fam, batch_sampler(data, dequantize=data.kind == "image"), tcfg, out, resume=resume)
+    return [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and spaces.
+
+def test_config_defaults_and_validation(toy, digits):
+    assert ddgan.default_config(digits).arch == "unet"
+    assert ddgan.default_config(toy).arch == "mlp"
+    assert ddgan.default_config(toy).T == 4
+    assert make_config("ddgan", toy, {"T": "2"}).T == 2
+    with pytest.raises(ValueError, match=r"Config.T = 0; must be an int >= 1"):
+        ddgan.Config(T=0)
+    with pytest.raises(ValueError, match=r"Config.arch = 'cnn'; choose one of unet\|mlp"):
+        ddgan.Config(arch="cnn")
+    with pytest.raises(ValueError, match="beta1"):
+        ddgan.Config(beta1=1.0)
+    with pytest.raises(ValueError, match="does not fit points data; use 'mlp'"):
+        ddgan.Family(toy, ddgan.Config(arch="unet"))
+
+
+def test_digits_to_data_inverts_the_binning(digits):
+    y = dequantize_digits(digits.x[:50], torch.Generator().manual_seed(0))
+    x_model = ddgan.to_model(y, "image")
+    assert float(x_model.min()) >= -1 and float(x_model.max()) < 1
+    back = ddgan.to_data(x_model, "image", "digits")
+    torch.testing.assert_close(back, digits.x[:50], rtol=0, atol=1e-6)
+
+
+def test_grid25_modes_oracle():
+    mix = grid25().mixture
+    g = torch.Generator().manual_seed(0)
+    out = ddgan.grid25_modes(mix.sample(5000, g))
+    assert out["modes_hit"] == 25
+    # 2-D isotropic Gaussian: P(|n| < 3 std) = 1 - exp(-4.5).
+    p = 1 - math.exp(-4.5)
+    assert abs(out["within_3std"] - p) < 5 * math.sqrt(p * (1 - p) / 5000)
+    keep = mix.means[:20].float()
+    x = keep[torch.randint(20, (2000,), generator=g)]
+    assert ddgan.grid25_modes(x)["modes_hit"] == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on the shared loop.
+
+def test_train_toy2d_smoke_checkpoint_and_sampling(toy, tmp_path):
+    log = _train(toy, tmp_path, steps=6)
+    assert [r["step"] for r in log] == list(range(1, 7))
+    for r in log:
+        for k in ("loss_d", "loss_d_real", "loss_d_fake", "loss_g", "r1"):
+            assert math.isfinite(r[k]), (k, r)
+    ckpt = tmp_path / "ddgan.safetensors"
+    with safe_open(str(ckpt), "pt") as f:
+        keys = list(f.keys())
+    # Only the generator is released, without a prefix; D stays in the training state.
+    gen = ddgan.build_generator(ddgan.generator_config(ddgan.default_config(toy), (2,)))
+    assert sorted(keys) == sorted(gen.state_dict())
+    model, card = load_model(ckpt)
+    assert card.family == "ddgan" and card.dataset == "toy2d:grid25"
+    assert card.sde_config["T"] == 4
+    x, nfe = S.sample(model, "posterior", 4, 33, seed=0, batch=10)
+    assert x.shape == (33, 2) and x.dtype == torch.float32 and nfe == 4
+    assert bool(torch.isfinite(x).all())
+    y, _ = S.sample(model, "posterior", 4, 33, seed=0, batch=10)
+    assert torch.equal(x, y)
+
+
+def test_train_digits_smoke(digits, tmp_path):
+    small = Dataset(name="digits", kind="image", x=digits.x[:64], labels=digits.labels[:64],
+                    split="train")
+    cfg = make_config("ddgan", small, {"lazy_reg": "2", "base_ch": "16", "disc_base_ch": "16"})
+    log = _train(small, tmp_path, steps=2, cfg=cfg, batch=8)
+    assert all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in log)
+    assert "r1" in log[1] and "r1" not in log[0]   # lazy R1 on every 2nd step
+    model, _ = load_model(tmp_path / "ddgan.safetensors")
+    x, nfe = S.sample(model, "posterior", 4, 5, seed=1)
+    assert x.shape == (5, 1, 8, 8) and nfe == 4
+    levels = x * 16
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-5)
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+
+
+def test_exact_resume(toy, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _train(toy, a, steps=6)
+    _train(toy, b, steps=3, ckpt_every=3)
+    _train(toy, b, steps=6, ckpt_every=3, resume=True)
+    sa, sb = (torch.load(p / "ddgan.state.pt", weights_only=False)["modules"] for p in (a, b))
+    for name in ("generator", "discriminator"):
+        for k in sa[name]:
+            assert torch.equal(sa[name][k], sb[name][k]), (name, k)
+
+
+def test_short_training_moves_samples_toward_data(toy, tmp_path):
+    """Untrained G outputs 0, so every sample sits at the origin; a few hundred steps must cut
+    the sliced Wasserstein distance to the data."""
+    cfg = ddgan.default_config(toy)
+    truth = grid25().sample(1000, torch.Generator().manual_seed(9))
+    untrained = ddgan.Model(cfg, "toy2d:grid25", "points", (2,))
+    x0, _ = S.sample(untrained, "posterior", 4, 1000, seed=0)
+    before = sliced_wasserstein(x0, truth)
+    _train(toy, tmp_path, steps=300, batch=128, ema=0.9)
+    model, _ = load_model(tmp_path / "ddgan.safetensors")
+    x1, _ = S.sample(model, "posterior", 4, 1000, seed=0)
+    after = sliced_wasserstein(x1, truth)
+    assert after < 0.6 * before, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors.
+
+def test_sampler_errors():
+    model = ddgan.Model(ddgan.Config(arch="mlp", z_dim=4), "toy2d:grid25", "points", (2,))
+    with pytest.raises(ValueError, match="trained with T=4; --steps must be 4, got 2"):
+        S.sample(model, "posterior", 2, 8, seed=0)
+    with pytest.raises(ValueError, match="unknown sampler 'ode' for family ddgan; choose posterior"):
+        S.sample(model, "ode", 4, 8, seed=0)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        S.sample(model, "posterior", 0, 8, seed=0)
+    with pytest.raises(ValueError, match="num must be an int >= 1"):
+        S.sample(model, "posterior", 4, 0, seed=0)
+    with pytest.raises(ValueError, match="takes no options"):
+        S.sample(model, "posterior", 4, 8, seed=0, schedule="quadratic")
+
+
+def test_from_checkpoint_bad_card():
+    with pytest.raises(ValueError, match="net_config is missing or has a bad field"):
+        ddgan.Model.from_checkpoint({}, {"net_config": {"kind": "points"}, "dataset": "toy2d:grid25"})
