@@ -1,0 +1,256 @@
+"""Samplers of the VP-SDE / DDPM baseline: ancestral, DDIM, Euler–Maruyama, probability-flow ODE.
+
+References: Ho et al. 2020 (ancestral sampling, Algorithm 2), Song et al. 2021a (DDIM, eq. 12),
+Song et al. 2021b (reverse VP-SDE and its probability-flow ODE); the VP-SDE formulas are those of
+fastsample.sde.vp (reference/ddgan.md sec. 1). Every stochastic or deterministic step has the one
+affine form x <- c_x x + c_e eps_theta + sigma n and goes through dispatch.vp_em_step_.
+
+The model interface the samplers need (fastsample.models.ddpm.Model, or a test's exact-score fake):
+    model.eps(x, t)   eps-prediction, x (B, ...) and t (B,) float32 continuous time -> like x;
+                      the score is -eps / sigma_t
+    model.sde         the VPSDE (beta_min, beta_max) the model was trained with
+    model.t_eps       smallest training time; EM and ODE integrate from t = 1 down to it
+    model.N           size of the discrete DDPM schedule (1000): DDPMSchedule(N) from the same SDE
+    model.shape       shape of one sample, e.g. (1, 8, 8) or (2,)
+    model.to_data(x)  model space [-1, 1] -> data space
+
+Time of the net on the discrete schedule: DDPMSchedule's alpha_bar_i is not exactly m(i/N)^2 of the
+continuous SDE (sigma differs by ~5% at i = 1), while the net was trained on continuous (m_t,
+sigma_t). We therefore query the net at the continuous time whose m_t^2 equals alpha_bar_i
+(`matched_times`), so eps_theta(x, t) is the noise the discrete update assumes; it lies within
+1/(2N) of i/N.
+
+Noise: every step with noise draws from the Philox stream (seed, offset + k * stride + element),
+so within one call the steps use disjoint counter ranges; `sample` passes stride = all samples'
+numel and offset = the batch's first element, so sample j's noise does not depend on the batch
+size (on the Triton path; the CPU twins key a generator by (seed, offset) instead).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastsample.kernels import dispatch
+from fastsample.samplers import SampleResult, check_steps, seed_tensor
+from fastsample.samplers import ode as ode_solver
+from fastsample.sde.vp import VPSDE, DDPMSchedule
+
+SAMPLERS = ("ancestral", "ddim", "em", "ode")
+SCHEDULES = ("uniform", "quadratic")
+DEFAULT_STEPS = {"ancestral": 1000, "ddim": 100, "em": 1000, "ode": 0}  # ode: adaptive
+
+#-----------------------------------------------------------------------------------------------
+# Schedules and per-step scalars (float64, on the host, once per call).
+
+
+def matched_times(sde: VPSDE, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Continuous t with m_t^2 = alpha_bar, i.e. B(t) = -log alpha_bar, B(t) = b0 t + (b1-b0) t^2/2.
+
+    Root of the quadratic in the cancellation-free form t = 2B / (b0 + sqrt(b0^2 + 2 (b1-b0) B)).
+    Clamped to T = 1: the discrete chain's last alpha_bar is a little below m_1^2 (its
+    -log(1 - beta_i) exceeds beta_i), which would ask for t ~ 1.003, outside training; at that
+    noise level (m ~ 0.006) the difference is invisible."""
+    B = -torch.log(alpha_bar.to(torch.float64))
+    b0, db = sde.beta_min, sde.beta_max - sde.beta_min
+    return (2.0 * B / (b0 + torch.sqrt(b0 * b0 + 2.0 * db * B))).clamp(max=sde.T)
+
+
+def subsequence(N: int, steps: int, schedule: str = "uniform") -> list[int]:
+    """Increasing step indices 0 = i_0 < i_1 < ... < i_steps = N of the N-step DDPM schedule.
+
+    uniform: i_k = round(k N / steps); quadratic (DDIM's, denser near the data):
+    i_k = k + round((k / steps)^2 (N - steps)), strictly increasing for any steps <= N."""
+    check_steps(steps)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose {'|'.join(SCHEDULES)}")
+    if steps > N:
+        raise ValueError(f"steps={steps} exceeds the {N}-step DDPM schedule; choose steps <= {N}")
+    if schedule == "uniform":
+        return [round(k * N / steps) for k in range(steps + 1)]
+    return [k + round((k / steps) ** 2 * (N - steps)) for k in range(steps + 1)]
+
+
+def ddim_plan(model, steps: int, schedule: str = "uniform", eta: float = 0.0,
+              N: int | None = None) -> list[tuple[float, float, float, float]]:
+    """Per step (t_net, c_x, c_e, sigma) from index i_{k} down to i_{k-1}, first step first.
+
+    eta = 0: DDIM; eta = 1: the DDPM ancestral posterior q(x_j | x_i, x0_hat) (Song et al. 2021a,
+    sec. 4.1), whose last step (to alpha_bar_0 = 1) has sigma = 0 and returns x0_hat."""
+    N = model.N if N is None else N
+    sched = DDPMSchedule(N, model.sde.beta_min, model.sde.beta_max)
+    t_net = matched_times(model.sde, sched.alpha_bar)
+    idx = subsequence(N, steps, schedule)
+    plan = []
+    for i, j in zip(idx[:0:-1], idx[-2::-1]):
+        a, b, s = sched.ddim_coeffs(i, j, eta)
+        plan.append((float(t_net[i]), a, b, s))
+    return plan
+
+
+def em_plan(model, steps: int) -> list[tuple[float, float, float, float]]:
+    """Euler–Maruyama on the reverse VP-SDE, uniform grid t_k = 1 - k h, h = (1 - t_eps)/steps:
+    x <- x + h (beta/2 x + beta score) + sqrt(beta h) n with score = -eps/sigma_t, i.e.
+    c_x = 1 + beta h / 2, c_e = -beta h / sigma_t, noise sqrt(beta h). The last step omits the
+    noise (its mean is the sample, as in Song et al. 2021b), so the output is not blurred by the
+    step's own sqrt(beta h) ~ 0.5% of noise."""
+    check_steps(steps)
+    sde, t_eps = model.sde, float(model.t_eps)
+    h = (1.0 - t_eps) / steps
+    t = 1.0 - h * torch.arange(steps, dtype=torch.float64)
+    beta = sde.beta(t)
+    sigma_t = sde.std(t)
+    plan = []
+    for k in range(steps):
+        bk, sk = float(beta[k]), float(sigma_t[k])
+        noise = 0.0 if k == steps - 1 else math.sqrt(bk * h)
+        plan.append((float(t[k]), 1.0 + 0.5 * bk * h, -bk * h / sk, noise))
+    return plan
+
+
+#-----------------------------------------------------------------------------------------------
+# The samplers: one loop over a precomputed plan, and the ODE.
+
+
+def _check_x(model, x_T: torch.Tensor) -> None:
+    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+        raise ValueError(f"x_T must be a floating tensor, got {type(x_T).__name__}")
+    shape = tuple(model.shape)
+    if x_T.dim() != len(shape) + 1 or tuple(x_T.shape[1:]) != shape:
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected (B, {', '.join(map(str, shape))})")
+
+
+@torch.no_grad()
+def run_plan(model, x_T: torch.Tensor, plan, *, seed: int = 0, offset: int = 0,
+             stride: int | None = None) -> SampleResult:
+    """x <- c_x x + c_e eps_theta(x, t) + sigma n for each (t, c_x, c_e, sigma) of `plan`.
+
+    One net call per step (nfe = len(plan), counted). No host reads inside the loop: the times
+    are one device tensor built before it, the scalars are python floats."""
+    _check_x(model, x_T)
+    B = x_T.shape[0]
+    stride = x_T.numel() if stride is None else stride
+    x = x_T.clone()
+    seed_t = seed_tensor(seed, x.device)
+    ts = torch.tensor([p[0] for p in plan], dtype=torch.float32, device=x.device)  # (steps,)
+    nfe = 0
+    for k, (_, c_x, c_e, sigma) in enumerate(plan):
+        eps = model.eps(x, ts[k].expand(B)).to(x.dtype)
+        nfe += 1
+        dispatch.vp_em_step_(x, eps, c_x, c_e, sigma, seed_t, offset + k * stride)
+    return SampleResult(x, nfe)
+
+
+def sample_ancestral(model, x_T: torch.Tensor, steps: int | None = None, *, seed: int = 0,
+                     offset: int = 0, stride: int | None = None) -> SampleResult:
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2) on DDPMSchedule(model.N).
+
+    steps = model.N (default): the full chain. steps < N: the posterior between the indices of a
+    uniform subsequence (DDIM with eta = 1). steps > N: the full chain of DDPMSchedule(steps)."""
+    steps = model.N if steps is None else check_steps(steps)
+    if steps > model.N:
+        plan = ddim_plan(model, steps, "uniform", eta=1.0, N=steps)
+    else:
+        plan = ddim_plan(model, steps, "uniform", eta=1.0)
+    return run_plan(model, x_T, plan, seed=seed, offset=offset, stride=stride)
+
+
+def sample_ddim(model, x_T: torch.Tensor, steps: int, *, schedule: str = "uniform",
+                eta: float = 0.0, seed: int = 0, offset: int = 0,
+                stride: int | None = None) -> SampleResult:
+    """DDIM (Song et al. 2021a, eq. 12) on a uniform or quadratic subsequence of DDPMSchedule(N);
+    eta = 0 (default) is deterministic given x_T."""
+    plan = ddim_plan(model, check_steps(steps), schedule, eta)
+    return run_plan(model, x_T, plan, seed=seed, offset=offset, stride=stride)
+
+
+def sample_em(model, x_T: torch.Tensor, steps: int, *, seed: int = 0, offset: int = 0,
+              stride: int | None = None) -> SampleResult:
+    """Euler–Maruyama on the reverse VP-SDE from t = 1 to model.t_eps (see em_plan)."""
+    return run_plan(model, x_T, em_plan(model, check_steps(steps)), seed=seed, offset=offset,
+                    stride=stride)
+
+
+@torch.no_grad()
+def sample_ode(model, x_T: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
+               method: str = "dopri5") -> SampleResult:
+    """Probability-flow ODE dx/dt = -beta(t)/2 (x + score) = -beta(t)/2 (x - eps/sigma_t), solved
+    adaptively from t = 1 to model.t_eps; nfe = the solver's counted net calls (incl. rejected
+    steps). Adaptive stepping reads the error norm on the host: this sampler syncs by nature."""
+    _check_x(model, x_T)
+    B = x_T.shape[0]
+    b0, db = model.sde.beta_min, model.sde.beta_max - model.sde.beta_min
+
+    t_lo, t_hi = float(model.t_eps), float(model.sde.T)
+
+    def f(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # t: 0-d float64 on x's device; the scalars stay float64 until they meet x. The solver
+        # probes outside [t_eps, 1]: its initial step-size guess 0.01 |x| / |f| is huge at t = 1,
+        # where p_1 ~ N(0, I) makes the drift nearly 0, and its last step may overshoot t_eps
+        # before interpolating back. Freezing the field at the ends keeps those probes finite
+        # (sigma_t -> 0 below t_eps) and leaves the ODE on [t_eps, 1] unchanged.
+        t = t.clamp(t_lo, t_hi)
+        beta_t = b0 + db * t
+        sigma_t = torch.sqrt(-torch.expm1(-(b0 * t + 0.5 * db * t * t)))
+        eps = model.eps(x, t.to(torch.float32).expand(B)).to(x.dtype)
+        return (-0.5 * beta_t * x + 0.5 * (beta_t / sigma_t) * eps).to(x.dtype)
+
+    x0, nfe = ode_solver.solve(f, x_T.clone(), 1.0, float(model.t_eps), rtol=rtol, atol=atol,
+                               method=method)
+    return SampleResult(x0, nfe)
+
+
+#-----------------------------------------------------------------------------------------------
+# One entry point for the CLI: draw x_T, batch, map to data space.
+
+_OPTIONS = {"ancestral": (), "ddim": ("schedule", "eta"), "em": (),
+            "ode": ("rtol", "atol", "method")}
+
+
+def sample(model, name: str, steps: int | None, num: int, seed: int, device="cpu",
+           batch: int | None = None, **opts) -> tuple[torch.Tensor, int]:
+    """`num` samples in data space (float32) and the NFE per sample.
+
+    x_T ~ N(0, I) for all `num` samples comes from torch.Generator(device).manual_seed(seed), so
+    x_T of sample j does not depend on `batch`. steps: the sampler's step count (None: the
+    default, 1000 ancestral / 100 ddim / 1000 em; ignored by the adaptive ode, whose NFE is the
+    solver's). opts: ddim schedule=uniform|quadratic, eta; ode rtol, atol, method. For the ode
+    with several batches the reported NFE is the per-sample mean over batches, rounded."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r} for family ddpm; choose {'|'.join(SAMPLERS)}")
+    bad = sorted(set(opts) - set(_OPTIONS[name]))
+    if bad:
+        allowed = "|".join(_OPTIONS[name]) or "none"
+        raise ValueError(f"sampler {name!r} got unknown option(s) {bad}; allowed: {allowed}")
+    if steps is None:
+        steps = DEFAULT_STEPS[name] or None
+    elif name != "ode":
+        check_steps(steps)
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+        raise ValueError(f"num must be an int >= 1, got {num!r}")
+    batch = num if batch is None else batch
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    seed_tensor(seed, "cpu")  # validates seed before any work
+    device = torch.device(device)
+    shape = tuple(model.shape)
+    g = torch.Generator(device).manual_seed(seed)
+    x_T = torch.randn((num,) + shape, generator=g, device=device)
+    D = math.prod(shape)
+    outs, nfe_total = [], 0
+    for s0 in range(0, num, batch):
+        xb = x_T[s0:s0 + batch]
+        if name == "ode":
+            r = sample_ode(model, xb, **opts)
+        else:
+            fn = {"ancestral": sample_ancestral, "ddim": sample_ddim, "em": sample_em}[name]
+            r = fn(model, xb, steps, seed=seed, offset=s0 * D, stride=num * D, **opts)
+        outs.append(r.x0)
+        nfe_total += r.nfe * xb.shape[0]
+    x0 = torch.cat(outs)
+    if not bool(torch.isfinite(x0).all()):
+        raise FloatingPointError(f"sampler {name!r} produced non-finite samples "
+                                 f"(steps={steps}, seed={seed}); the model may be broken")
+    samples = model.to_data(x0).float()
+    return samples, round(nfe_total / num)
