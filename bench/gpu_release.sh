@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: train every released checkpoint side by side (make checkpoints
-# with DEVICE=cuda), run the gpu-marked tests, then the end-to-end sampling bench (kernels on/off)
-# against the fresh checkpoints. Everything comes back under $OUT (checkpoints as one tarball).
+# One call on a lent GPU machine: train the released set side by side with `make checkpoints`'
+# defaults (DEVICE=cuda), and the four digits models again with a larger step budget, both
+# bounded by --max-minutes; run the gpu-marked tests meanwhile. Checkpoints come back as two
+# tarballs under $OUT (fp16 storage, cards with the exact command).
 set -u
 OUT=${OUT:-/tmp/fastsample-gpu}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -12,12 +13,20 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   date -u; } 2>&1 | tee "$OUT/env.txt"
-( timeout ${TRAIN_TIMEOUT:-400} python3 -m fastsample.train.release --device cuda --jobs 7 \
-    --commit "${FASTSAMPLE_COMMIT:-unknown}" > "$OUT/release.log" 2>&1; echo "release rc=$?" >> "$OUT/release.log" ) &
-train_pid=$!
-python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-wait $train_pid
-tail -12 "$OUT/release.log"
-tar czf "$OUT/checkpoints.tgz" checkpoints runs/release/*/train_log.jsonl runs/release/*/stdout.log 2>/dev/null
-python3 -m pytest --benchmark bench/test_sampling_speed.py -q -p no:cacheprovider \
-  --benchmark-json="$OUT/sampling_speed.json" --benchmark-columns=median,rounds 2>&1 | tee "$OUT/speed.log" | tail -25
+MIN=${TRAIN_MINUTES:-6}
+C=${FASTSAMPLE_COMMIT:-unknown}
+python3 -m fastsample.train.release --device cuda --jobs 7 --max-minutes "$MIN" --commit "$C" \
+  > "$OUT/release.log" 2>&1 &
+p1=$!
+python3 -m fastsample.train.release --device cuda --jobs 4 --max-minutes "$MIN" --commit "$C" \
+  --only ddgan:digits,cld:digits,lsgm:digits,ddpm:digits --runs runs/long --out runs/long-ckpt \
+  --set ddgan:digits:train_steps=40000 --set cld:digits:train_steps=40000 \
+  --set lsgm:digits:train_steps=40000 --set ddpm:digits:train_steps=40000 \
+  > "$OUT/long.log" 2>&1 &
+p2=$!
+python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+wait $p1 $p2
+tail -9 "$OUT/release.log"; tail -5 "$OUT/long.log"
+tar czf "$OUT/release.tgz" checkpoints runs/release/*/train_log.jsonl runs/release/*/stdout.log 2>/dev/null
+tar czf "$OUT/long.tgz" runs/long-ckpt runs/long/*/train_log.jsonl runs/long/*/stdout.log 2>/dev/null
+ls -la "$OUT"
