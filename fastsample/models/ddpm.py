@@ -33,7 +33,7 @@ ARCHS = ("unet", "mlp")
 @dataclass(frozen=True)
 class Config:
     arch: str = "unet"                      # "unet" (images) | "mlp" (2D points)
-    train_steps: int = 6000                 # optimiser steps (CLI default)
+    train_steps: int = 10000                # optimiser steps; digits: ~18 min at ~9.3 it/s (1 CPU thread)
     batch_size: int = 128                   # global batch
     ema_decay: float = 0.999                # EMA of the released weights
     lr: float = 1e-3                        # Adam learning rate
@@ -52,8 +52,9 @@ class Config:
     hidden: int = 128                       # hidden width
     num_layers: int = 4                     # hidden layers
     # evaluate() at the end of training
-    eval_sampler: str = "ddim"              # sampler used by evaluate()
-    eval_steps: int = 100                   # its steps
+    # (stochastic: after 3000 digits steps EM-200 is at the FD floor while DDIM-100 is not yet)
+    eval_sampler: str = "em"                # sampler used by evaluate()
+    eval_steps: int = 200                   # its steps
     eval_num: int = 1000                    # number of samples it draws
 
     def __post_init__(self):
@@ -85,7 +86,9 @@ def default_config(data: Dataset) -> Config:
     """Digits / images: the U-Net; 2D points: the MLP (cheaper, trained longer at a larger batch)."""
     if data.kind == "image":
         return Config(arch="unet")
-    return Config(arch="mlp", train_steps=8000, batch_size=512, lr=2e-3, ema_decay=0.999,
+    # 20000 steps take ~50 s (~400 it/s, one thread); EM-200 then matches grid25 within the
+    # true-vs-true spread (MMD -9e-4, SWD 0.064 at n = 2000), 3000 steps do not (0.019, 0.15).
+    return Config(arch="mlp", train_steps=20000, batch_size=512, lr=2e-3, ema_decay=0.999,
                   eval_num=2000)
 
 
