@@ -73,11 +73,21 @@ def _unpack(op: str, T, K) -> tuple[float, ...]:
     return tuple(float(c) for c in T) + tuple(float(c) for c in K)
 
 
+def _splitmix64(z: int) -> int:
+    """SplitMix64 finaliser: neighbouring seeds land ~2^63 apart, far beyond any offset."""
+    z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
 def _twin_normals(seed: torch.Tensor, offset: int, n_streams: int, like: torch.Tensor):
     """Twin noise from a torch.Generator keyed by (seed, offset): same law as the kernel's
     Philox stream, different numbers. Reads the seed on the host (a sync: twins only)."""
     g = torch.Generator(device=like.device)
-    g.manual_seed((int(seed.item()) * 1_000_003 + offset) % (1 << 63))
+    # Mix the seed before adding the offset: with seed * small_prime + offset, seed s at a late
+    # step (offsets reach ~1e7 in a sampling run) drew seed s+1's early-step noise.
+    g.manual_seed((_splitmix64(int(seed.item())) + offset) % (1 << 63))
     return torch.randn((n_streams,) + tuple(like.shape), generator=g, device=like.device,
                        dtype=torch.float32)
 
