@@ -140,13 +140,14 @@ def test_exact_resume(toy, tmp_path):
 
 def test_short_training_moves_samples_toward_data(toy, tmp_path):
     """Untrained G outputs 0, so every sample sits at the origin; a few hundred steps must cut
-    the sliced Wasserstein distance to the data."""
+    the sliced Wasserstein distance to the data (300 steps sat right at the 0.6 bar for some
+    sampler noise streams; 500 clear it)."""
     cfg = ddgan.default_config(toy)
     truth = grid25().sample(1000, torch.Generator().manual_seed(9))
     untrained = ddgan.Model(cfg, "toy2d:grid25", "points", (2,))
     x0, _ = S.sample(untrained, "posterior", 4, 1000, seed=0)
     before = sliced_wasserstein(x0, truth)
-    _train(toy, tmp_path, steps=300, batch=128, ema=0.9)
+    _train(toy, tmp_path, steps=500, batch=128, ema=0.9)
     model, _ = load_model(tmp_path / "ddgan.safetensors")
     x1, _ = S.sample(model, "posterior", 4, 1000, seed=0)
     after = sliced_wasserstein(x1, truth)

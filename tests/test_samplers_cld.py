@@ -167,7 +167,7 @@ def test_sscs_beats_em_at_50_on_the_second_moment():
     # so compare the exact second moment E|x|^2 instead, whose Monte Carlo error is known.
     mix = wide_mixture()
     exact = float((mix.weights * ((mix.means ** 2).sum(1) + 2 * mix.stds ** 2)).sum())
-    n = 40000
+    n = 120000   # at 40k the 2-standard-error margin held for some noise streams, not others
     model = ExactScore(mix, CLD_DEFAULT)
     err = {}
     for name in ("sscs", "em"):

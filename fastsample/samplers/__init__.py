@@ -34,3 +34,23 @@ def check_steps(steps: int, name: str = "steps") -> int:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"{name} must be an int >= 1, got {steps!r}")
     return steps
+
+
+def check_request(family: str, name: str, samplers, num: int, batch: int | None, seed: int,
+                  opts: dict, allowed=()) -> int:
+    """Validate the arguments every family's `sample()` shares, once, before any work; returns
+    the batch size (all `num` at once when batch is None)."""
+    if name not in samplers:
+        raise ValueError(f"unknown sampler {name!r} for family {family}; "
+                         f"choose {'|'.join(samplers)}")
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+        raise ValueError(f"num must be an int >= 1, got {num!r}")
+    batch = num if batch is None else batch
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    seed_tensor(seed, "cpu")
+    bad = sorted(set(opts) - set(allowed))
+    if bad:
+        takes = f"takes options {list(allowed)}" if allowed else "takes no options"
+        raise ValueError(f"sampler {name!r} of family {family} {takes}; unknown option(s) {bad}")
+    return batch

@@ -25,7 +25,7 @@ import math
 import torch
 
 from fastsample.kernels import dispatch
-from fastsample.samplers import SampleResult, check_steps, seed_tensor
+from fastsample.samplers import SampleResult, check_request, check_steps, seed_tensor
 
 SAMPLERS = ("sscs", "em", "ode")
 KINDS = ("uniform", "quadratic")
@@ -239,17 +239,8 @@ def sample(model, name: str, steps: int, num: int, seed: int, device, batch: int
     adaptive and ignores it. opts: schedule (uniform|quadratic, default quadratic), midpoint,
     fused, num_stab (sscs); rtol, atol, method (ode).
     """
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} for family cld; choose {'|'.join(SAMPLERS)}")
+    batch = check_request("cld", name, SAMPLERS, num, batch, seed, opts, _OPTS.get(name, ()))
     check_steps(steps)
-    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
-        raise ValueError(f"num must be an int >= 1, got {num!r}")
-    batch = num if batch is None else batch
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-    bad = sorted(set(opts) - set(_OPTS[name]))
-    if bad:
-        raise ValueError(f"sampler {name!r} takes options {list(_OPTS[name])}, got {bad}")
     kw = dict(opts)
     if "schedule" in kw:
         kw["kind"] = kw.pop("schedule")

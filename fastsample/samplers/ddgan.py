@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from fastsample.kernels import dispatch
-from fastsample.samplers import SampleResult, check_steps, seed_tensor
+from fastsample.samplers import SampleResult, check_request, check_steps, seed_tensor
 
 SAMPLERS = ("posterior",)
 # The latents come from their own generator, seeded from `seed` by a fixed salt, so they never
@@ -92,19 +92,11 @@ def sample(model, name: str, steps: int, num: int, seed: int, device="cpu",
     from draw_latents, so the samples do not depend on `batch` (the kernels' Philox noise does
     not either; the CPU twins' noise does).
     """
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} for family ddgan; choose {'|'.join(SAMPLERS)}")
+    batch = check_request("ddgan", name, SAMPLERS, num, batch, seed, opts)
     check_steps(steps)
     if steps != model.T:
         raise ValueError(f"this DDGAN checkpoint was trained with T={model.T}; --steps must be "
                          f"{model.T}, got {steps}")
-    if opts:
-        raise ValueError(f"sampler 'posterior' takes no options, got {sorted(opts)}")
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be an int >= 1, got {num!r}")
-    batch = num if batch is None else batch
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
     x_T = torch.randn((num, *model.data_shape), generator=g, device=device)

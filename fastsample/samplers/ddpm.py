@@ -33,7 +33,7 @@ import math
 import torch
 
 from fastsample.kernels import dispatch
-from fastsample.samplers import SampleResult, check_steps, seed_tensor
+from fastsample.samplers import SampleResult, check_request, check_steps, seed_tensor
 from fastsample.samplers import ode as ode_solver
 from fastsample.sde.vp import VPSDE, DDPMSchedule
 
@@ -217,22 +217,11 @@ def sample(model, name: str, steps: int | None, num: int, seed: int, device="cpu
     default, 1000 ancestral / 100 ddim / 1000 em; ignored by the adaptive ode, whose NFE is the
     solver's). opts: ddim schedule=uniform|quadratic, eta; ode rtol, atol, method. For the ode
     with several batches the reported NFE is the per-sample mean over batches, rounded."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} for family ddpm; choose {'|'.join(SAMPLERS)}")
-    bad = sorted(set(opts) - set(_OPTIONS[name]))
-    if bad:
-        allowed = "|".join(_OPTIONS[name]) or "none"
-        raise ValueError(f"sampler {name!r} got unknown option(s) {bad}; allowed: {allowed}")
+    batch = check_request("ddpm", name, SAMPLERS, num, batch, seed, opts, _OPTIONS.get(name, ()))
     if steps is None:
         steps = DEFAULT_STEPS[name] or None
     elif name != "ode":
         check_steps(steps)
-    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
-        raise ValueError(f"num must be an int >= 1, got {num!r}")
-    batch = num if batch is None else batch
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-    seed_tensor(seed, "cpu")  # validates seed before any work
     device = torch.device(device)
     shape = tuple(model.shape)
     g = torch.Generator(device).manual_seed(seed)

@@ -22,7 +22,7 @@ import math
 import torch
 
 from fastsample.kernels import dispatch
-from fastsample.samplers import SampleResult, check_steps, seed_tensor
+from fastsample.samplers import SampleResult, check_request, check_steps, seed_tensor
 from fastsample.samplers.ode import solve
 
 SAMPLERS = ("ode", "em")
@@ -129,15 +129,8 @@ def sample(model, name: str, steps: int, num: int, seed: int, device, batch: int
     adaptive ODE ignores it (its NFE is what the tolerance needs), but it must still be >= 1.
     opts go to the sampler (ode: rtol, atol, t_end, method; em: t_end). The returned NFE is
     the per-sample average over batches (batches may need different NFE under the ODE)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} for family lsgm; choose {'|'.join(SAMPLERS)}")
+    batch = check_request("lsgm", name, SAMPLERS, num, batch, seed, opts, _OPTS.get(name, ()))
     check_steps(steps)
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be an int >= 1, got {num!r}")
-    batch = num if batch is None else batch
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-    seed_tensor(seed, "cpu")  # validates seed before any work
     device = torch.device(device)
     g = torch.Generator(device).manual_seed(seed)
     z_T = torch.randn((num,) + tuple(model.latent_shape), generator=g, device=device)
@@ -155,5 +148,8 @@ def sample(model, name: str, steps: int, num: int, seed: int, device, batch: int
     nfe = nfe_sum / num
     return torch.cat(outs).float(), int(nfe) if nfe == int(nfe) else nfe
 
+
+# Options each sampler passes through (see sample_ode / sample_em).
+_OPTS = {"ode": ("rtol", "atol", "t_end", "method"), "em": ("t_end",)}
 
 __all__ = ["SAMPLERS", "sample", "sample_ode", "sample_em", "em_grid"]
