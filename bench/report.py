@@ -61,7 +61,8 @@ def _quality_rows(bench_json: dict) -> list[dict]:
 
 
 def _label(r: dict) -> str:
-    steps = f"-{r['steps']}" if r.get("steps") else ""
+    # adaptive ODE rows carry a placeholder step count: the NFE column says what they used
+    steps = f"-{r['steps']}" if r.get("steps") and r["sampler"] != "ode" else ""
     tol = f" tol {r['options']['rtol']:g}" if "rtol" in r.get("options", {}) else ""
     return f"{r['family']} {r['sampler']}{steps}{tol}"
 
