@@ -206,15 +206,23 @@ def _posterior_tables(alpha_bar: torch.Tensor) -> dict[str, torch.Tensor]:
         log_sigma2_post=log_sigma2_post).items()}
 
 
-class _DiscreteMethods:
-    """Tensor maps shared by DDGANSchedule and DDPMSchedule (float64 tables, any-dtype tensors)."""
+def _table_field():
+    return field(init=False, repr=False, compare=False)
 
-    alpha_bar: torch.Tensor
-    alpha: torch.Tensor
-    beta: torch.Tensor
-    c0: torch.Tensor
-    c1: torch.Tensor
-    log_sigma2_post: torch.Tensor
+
+@dataclass(frozen=True, eq=False)
+class _DiscreteMethods:
+    """Tables and tensor maps shared by DDGANSchedule and DDPMSchedule (float64 tables of
+    length N+1 filled by each subclass's __post_init__; any-dtype tensor maps)."""
+
+    t: torch.Tensor = _table_field()
+    alpha_bar: torch.Tensor = _table_field()
+    alpha: torch.Tensor = _table_field()
+    beta: torch.Tensor = _table_field()
+    c0: torch.Tensor = _table_field()
+    c1: torch.Tensor = _table_field()
+    sigma2_post: torch.Tensor = _table_field()
+    log_sigma2_post: torch.Tensor = _table_field()
 
     @property
     def num_steps(self) -> int:
@@ -265,10 +273,6 @@ class _DiscreteMethods:
         return self.posterior_mean(x0, x_i, i) + batch_coeff(std, x0, "i") * noise
 
 
-def _table_field():
-    return field(init=False, repr=False, compare=False)
-
-
 @dataclass(frozen=True, eq=False)
 class DDGANSchedule(_DiscreteMethods):
     """DDGAN's T-step discretisation of the linear VP-SDE (ddgan.md sec. 1).
@@ -286,14 +290,6 @@ class DDGANSchedule(_DiscreteMethods):
     eps: float = 1e-3       # forward time of the least-noisy level x_0
     beta_min: float = 0.1   # VP-SDE beta(0)
     beta_max: float = 20.0  # VP-SDE beta(1)
-    t: torch.Tensor = _table_field()
-    alpha_bar: torch.Tensor = _table_field()
-    alpha: torch.Tensor = _table_field()
-    beta: torch.Tensor = _table_field()
-    c0: torch.Tensor = _table_field()
-    c1: torch.Tensor = _table_field()
-    sigma2_post: torch.Tensor = _table_field()
-    log_sigma2_post: torch.Tensor = _table_field()
 
     def __post_init__(self):
         if isinstance(self.T, bool) or not isinstance(self.T, int) or self.T < 1:
@@ -329,14 +325,6 @@ class DDPMSchedule(_DiscreteMethods):
     num_steps: int = 1000   # N (shadows the base-class property with the same meaning)
     beta_min: float = 0.1   # N * beta_1
     beta_max: float = 20.0  # N * beta_N
-    t: torch.Tensor = _table_field()
-    alpha_bar: torch.Tensor = _table_field()
-    alpha: torch.Tensor = _table_field()
-    beta: torch.Tensor = _table_field()
-    c0: torch.Tensor = _table_field()
-    c1: torch.Tensor = _table_field()
-    sigma2_post: torch.Tensor = _table_field()
-    log_sigma2_post: torch.Tensor = _table_field()
 
     def __post_init__(self):
         N = self.num_steps
