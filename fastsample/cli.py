@@ -96,7 +96,8 @@ def _sample_args(sp: argparse.ArgumentParser) -> None:
                     help="steps / NFE budget (default: the sampler's; ddgan: its trained T)")
     sp.add_argument("--num", type=int, default=64, help="number of samples")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--batch", type=int, default=None, help="samples per batch (default: all)")
+    sp.add_argument("--batch", type=int, default=None,
+                    help="samples per batch (default: up to 500; a progress bar counts batches)")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--schedule", choices=("uniform", "quadratic"), default=None,
                     help="time striding, where the sampler has one")
@@ -142,8 +143,10 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     if ns.steps is None:
         ns.steps = default_steps(card.family, ns.sampler, model)
     t0 = time.perf_counter()
+    # Batches of at most 500 give the progress bar something to count on long runs.
+    batch = ns.batch if ns.batch is not None else min(ns.num, 500)
     samples, nfe = mod.sample(model, ns.sampler, ns.steps, ns.num, ns.seed, ns.device,
-                              batch=ns.batch, **opts)
+                              batch=batch, progress=True, **opts)
     seconds = time.perf_counter() - t0
     arr = samples.detach().float().cpu().numpy()
     atomic_save_npz(ns.out, samples=arr, nfe=np.int64(nfe), seconds=np.float64(seconds),

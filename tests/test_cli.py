@@ -72,3 +72,38 @@ def test_png_grid_and_scatter(tmp_path):
     assert Image.open(tmp_path / "s.png").size[0] > 0
     with pytest.raises(ValueError, match="cannot draw"):
         save_png(tmp_path / "x.png", np.zeros((3, 5)))
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+TOY_DDGAN = ROOT / "checkpoints" / "grid25" / "ddgan.safetensors"
+
+
+@pytest.mark.skipif(not TOY_DDGAN.exists(), reason="released grid25 DDGAN checkpoint missing")
+def test_sample_writes_the_npz_contract_and_a_scatter(tmp_path):
+    out, png = tmp_path / "s.npz", tmp_path / "s.png"
+    assert main(["sample", str(TOY_DDGAN), "--sampler", "posterior", "--num", "40",
+                 "--batch", "16", "--seed", "3", "--out", str(out), "--png", str(png)]) == 0
+    with np.load(out) as z:
+        assert z["samples"].shape == (40, 2) and z["samples"].dtype == np.float32
+        assert int(z["nfe"]) == 4 and float(z["seconds"]) > 0
+        first = z["samples"].copy()
+    assert png.stat().st_size > 0
+    # same seed, same batch: same samples (the progress bar changes nothing)
+    assert main(["sample", str(TOY_DDGAN), "--sampler", "posterior", "--num", "40",
+                 "--batch", "16", "--seed", "3", "--out", str(out)]) == 0
+    with np.load(out) as z:
+        assert np.array_equal(z["samples"], first)
+
+
+@pytest.mark.skipif(not TOY_DDGAN.exists(), reason="released grid25 DDGAN checkpoint missing")
+@pytest.mark.parametrize("extra, msg", [
+    (["--sampler", "sscs"], "unknown sampler 'sscs' for family ddgan"),
+    (["--sampler", "posterior", "--steps", "2"], "trained with T=4"),
+    (["--sampler", "posterior", "--grid-cols", "4"], "--grid-cols applies to image samples"),
+    (["--sampler", "posterior", "--steps", "0"], "--steps must be >= 1"),
+])
+def test_sample_bad_input_for_a_toy_ddgan(tmp_path, capsys, extra, msg):
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(TOY_DDGAN), "--num", "8", "--out", str(out), *extra]) == 2
+    assert msg in capsys.readouterr().err
+    assert not out.exists()

@@ -54,3 +54,12 @@ def check_request(family: str, name: str, samplers, num: int, batch: int | None,
         takes = f"takes options {list(allowed)}" if allowed else "takes no options"
         raise ValueError(f"sampler {name!r} of family {family} {takes}; unknown option(s) {bad}")
     return batch
+
+
+def batch_starts(num: int, batch: int, progress: bool, desc: str):
+    """Start index of each batch; with progress=True a tqdm bar over the batches (stderr)."""
+    starts = range(0, num, batch)
+    if not progress or len(starts) < 2:
+        return starts
+    from tqdm import tqdm
+    return tqdm(starts, desc=desc, unit="batch", leave=False)

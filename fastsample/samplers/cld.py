@@ -25,7 +25,8 @@ import math
 import torch
 
 from fastsample.kernels import dispatch
-from fastsample.samplers import SampleResult, check_request, check_steps, seed_tensor
+from fastsample.samplers import (SampleResult, batch_starts, check_request, check_steps,
+                                 seed_tensor)
 
 SAMPLERS = ("sscs", "em", "ode")
 KINDS = ("uniform", "quadratic")
@@ -231,7 +232,7 @@ _OPTS = {"sscs": ("schedule", "midpoint", "fused", "num_stab"),
 
 
 def sample(model, name: str, steps: int, num: int, seed: int, device, batch: int | None = None,
-           **opts) -> tuple[torch.Tensor, int]:
+           progress: bool = False, **opts) -> tuple[torch.Tensor, int]:
     """`num` samples in data space (float32) and the NFE per sample.
 
     x_T comes from torch.Generator(device).manual_seed(seed); batches of `batch` share one
@@ -252,7 +253,7 @@ def sample(model, name: str, steps: int, num: int, seed: int, device, batch: int
     x_T, v_T = prior(model.cld, num, model.data_shape, gen, device)
     per = math.prod(model.data_shape)
     outs, nfe = [], None
-    for s in range(0, num, batch):
+    for s in batch_starts(num, batch, progress, f"cld {name}"):
         x, v = x_T[s:s + batch], v_T[s:s + batch]
         if name == "ode":
             res = sample_ode(model, x, v, **kw)

@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from fastsample.kernels import dispatch
-from fastsample.samplers import SampleResult, check_request, check_steps, seed_tensor
+from fastsample.samplers import (SampleResult, batch_starts, check_request, check_steps,
+                                 seed_tensor)
 
 SAMPLERS = ("posterior",)
 # The latents come from their own generator, seeded from `seed` by a fixed salt, so they never
@@ -85,7 +86,7 @@ def sample_posterior(G: Callable, x_T: torch.Tensor, schedule, *, seed: int,
 
 
 def sample(model, name: str, steps: int, num: int, seed: int, device="cpu",
-           batch: int | None = None, **opts) -> tuple[torch.Tensor, int]:
+           batch: int | None = None, progress: bool = False, **opts) -> tuple[torch.Tensor, int]:
     """`num` samples in data space (float32) and the NFE per sample, from a DDGAN Model.
 
     x_T comes from torch.Generator(device).manual_seed(seed) for all `num` samples at once and z
@@ -103,7 +104,7 @@ def sample(model, name: str, steps: int, num: int, seed: int, device="cpu",
     z = draw_latents(model.T, num, model.z_dim, seed, device)
     per = x_T[0].numel()
     outs, nfe = [], 0
-    for s in range(0, num, batch):
+    for s in batch_starts(num, batch, progress, f"ddgan {name}"):
         res = sample_posterior(model.denoise, x_T[s:s + batch], model.schedule, seed=seed,
                                z=z[:, s:s + batch], offset=s * per, stride=num * per)
         outs.append(model.to_data(res.x0))

@@ -33,7 +33,8 @@ import math
 import torch
 
 from fastsample.kernels import dispatch
-from fastsample.samplers import SampleResult, check_request, check_steps, seed_tensor
+from fastsample.samplers import (SampleResult, batch_starts, check_request, check_steps,
+                                 seed_tensor)
 from fastsample.samplers import ode as ode_solver
 from fastsample.sde.vp import VPSDE, DDPMSchedule
 
@@ -209,7 +210,7 @@ _OPTIONS = {"ancestral": (), "ddim": ("schedule", "eta"), "em": (),
 
 
 def sample(model, name: str, steps: int | None, num: int, seed: int, device="cpu",
-           batch: int | None = None, **opts) -> tuple[torch.Tensor, int]:
+           batch: int | None = None, progress: bool = False, **opts) -> tuple[torch.Tensor, int]:
     """`num` samples in data space (float32) and the NFE per sample.
 
     x_T ~ N(0, I) for all `num` samples comes from torch.Generator(device).manual_seed(seed), so
@@ -228,7 +229,7 @@ def sample(model, name: str, steps: int | None, num: int, seed: int, device="cpu
     x_T = torch.randn((num,) + shape, generator=g, device=device)
     D = math.prod(shape)
     outs, nfe_total = [], 0
-    for s0 in range(0, num, batch):
+    for s0 in batch_starts(num, batch, progress, f"ddpm {name}"):
         xb = x_T[s0:s0 + batch]
         if name == "ode":
             r = sample_ode(model, xb, **opts)

@@ -22,7 +22,8 @@ import math
 import torch
 
 from fastsample.kernels import dispatch
-from fastsample.samplers import SampleResult, check_request, check_steps, seed_tensor
+from fastsample.samplers import (SampleResult, batch_starts, check_request, check_steps,
+                                 seed_tensor)
 from fastsample.samplers.ode import solve
 
 SAMPLERS = ("ode", "em")
@@ -121,7 +122,7 @@ def sample_em(model, z_T: torch.Tensor, steps: int, *, seed: int, offset: int = 
 
 
 def sample(model, name: str, steps: int, num: int, seed: int, device, batch: int | None = None,
-           decode: str | None = None, **opts) -> tuple[torch.Tensor, float]:
+           decode: str | None = None, progress: bool = False, **opts) -> tuple[torch.Tensor, float]:
     """`num` samples in data space (float32 (num, 1, 8, 8), values k/16) and the NFE per sample.
 
     z_T ~ N(0, I) from torch.Generator(device).manual_seed(seed), drawn once for all `num` and
@@ -135,7 +136,7 @@ def sample(model, name: str, steps: int, num: int, seed: int, device, batch: int
     g = torch.Generator(device).manual_seed(seed)
     z_T = torch.randn((num,) + tuple(model.latent_shape), generator=g, device=device)
     outs, nfe_sum = [], 0
-    for b0 in range(0, num, batch):
+    for b0 in batch_starts(num, batch, progress, f"lsgm {name}"):
         zb = z_T[b0:b0 + batch]
         if name == "ode":
             res = sample_ode(model, zb, **opts)
