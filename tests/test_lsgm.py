@@ -183,7 +183,8 @@ def test_two_stage_training_smoke_and_checkpoint(tmp_path, tiny_digits):
     rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     stage1 = [r for r in rows if r["step"] <= cfg.vae_steps]
     stage2 = [r for r in rows if r["step"] > cfg.vae_steps]
-    assert all("loss_prior" not in r for r in stage1)  # stage 1: VAE only
+    # stage 1 fits the prior too (prior_in_stage1, the default); test_strict_two_stage covers off
+    assert all("loss_prior" in r for r in stage1)
     assert all("loss_prior" in r for r in stage2) and len(stage2) == cfg.train_steps - cfg.vae_steps
     assert all(math.isfinite(v) for r in rows for k, v in r.items() if k != "step")
     model, card = load_model(tmp_path / "lsgm.safetensors")
@@ -193,6 +194,25 @@ def test_two_stage_training_smoke_and_checkpoint(tmp_path, tiny_digits):
     sd, _ = ck.load_checkpoint(tmp_path / "lsgm.safetensors")
     assert {k.split(".")[0] for k in sd} == {"encoder", "decoder", "prior"}
     torch.testing.assert_close(model.prior.mixing_logit, sd["prior.mixing_logit"])
+
+
+def test_strict_two_stage_keeps_the_prior_untouched_in_stage_1(tmp_path, tiny_digits):
+    cfg = tiny_cfg(prior_in_stage1=False, train_steps=4, vae_steps=4)
+    fam = lsgm.Family(tiny_digits, cfg)
+    before = {k: v.clone() for k, v in fam.modules()["prior"].state_dict().items()}
+    torch.manual_seed(0)
+    fam2 = lsgm.Family(tiny_digits, cfg)
+    tcfg = TrainConfig(steps=cfg.train_steps, batch_size=cfg.batch_size, ema_decay=0.0,
+                       progress=False, log_every=1, ckpt_every=100)
+    train(fam2, batch_sampler(tiny_digits, dequantize=True), tcfg, tmp_path)
+    import json
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert rows and all("loss_prior" not in r for r in rows)
+    from fastsample import checkpoint as ck
+    sd, _ = ck.load_checkpoint(tmp_path / "lsgm.safetensors")
+    # ema_decay 0: released = live weights; a prior that never trained keeps its zero output init
+    # and its mixing logits exactly
+    torch.testing.assert_close(sd["prior.mixing_logit"], before["mixing_logit"])
 
 
 def test_prior_loss_moves_no_vae_parameter_and_vae_loss_trains_encoder(tmp_path, tiny_digits):

@@ -24,7 +24,8 @@ a perturbation far below the encoder's own std. The last term is taken in closed
 than assuming q_1 = N(0, I) (the paper's constant D/2 log(2 pi e sigma_0^2) is its limit).
 
 Training (Family.step switches on ctx.step):
-  stage 1, steps 1..vae_steps: VAE with a N(0, I) prior, closed-form KL with a linear warm-up.
+  stage 1, steps 1..vae_steps: VAE with a N(0, I) prior, closed-form KL with a linear warm-up;
+          with prior_in_stage1 the prior's own update below runs too (on the moving latents).
   stage 2, the rest, two optimiser groups:
     "vae"   (encoder + decoder): recon + negative encoder entropy + likelihood-weighted CE, t drawn
             from an importance proposal (see `is_proposal`) and divided by its density. The CE's
@@ -69,6 +70,9 @@ class Config:
     sigma2_min: float = 3e-5        # geometric VP-SDE sigma^2(0) (sec. 2)
     sigma2_max: float = 0.999       # geometric VP-SDE sigma^2(1)
     vae_steps: int = 3000           # stage 1 length (VAE, Normal prior); stage 2 runs after it
+    prior_in_stage1: bool = True    # also fit the prior to the (detached) latents during stage 1:
+                                    # otherwise a time-boxed run leaves the EMA prior half
+                                    # untrained (the first release: 663 prior steps, EMA 0.999)
     kl_warmup_frac: float = 0.3     # KL weight ramps linearly 0 -> 1 over this fraction of stage 1
     kl_min_coeff: float = 0.01      # KL weight at step 1 of the warm-up
     vae_t_sampling: str = "is"      # stage 2 t for the CE of the VAE: "is" (importance) | "uniform"
@@ -415,7 +419,11 @@ class Family:
             kl = kl_normal(mu, log_s)
             loss = (recon + self.kl_coeff(ctx.step) * kl).mean() / n_dims
             ctx.optimize("vae", loss)
-            return {"loss_vae": loss.detach(), "nelbo_bpd": bits_per_dim((recon + kl).mean(), n_dims).detach()}
+            out = {"loss_vae": loss.detach(),
+                   "nelbo_bpd": bits_per_dim((recon + kl).mean(), n_dims).detach()}
+            if self.cfg.prior_in_stage1:
+                out["loss_prior"] = self._prior_step(ctx, z0)
+            return out
 
         # Stage 2, VAE: the likelihood-weighted CE with importance-sampled t.
         if self.cfg.vae_t_sampling == "is":
@@ -430,16 +438,19 @@ class Family:
         loss_vae = nelbo_i.mean() / n_dims
         ctx.optimize("vae", loss_vae)
 
-        # Stage 2, prior: unweighted eps prediction on detached latents, t ~ U[0, 1].
+        return {"loss_vae": loss_vae.detach(), "loss_prior": self._prior_step(ctx, z0),
+                "nelbo_bpd": bits_per_dim(nelbo_i.mean(), n_dims).detach()}
+
+    def _prior_step(self, ctx, z0: torch.Tensor) -> torch.Tensor:
+        """The prior's own update: unweighted eps prediction on detached latents, t ~ U[0, 1]."""
         zd = z0.detach()
-        t_p = ctx.rand(n, dtype=torch.float64).to(ctx.device)
+        t_p = ctx.rand(zd.shape[0], dtype=torch.float64).to(ctx.device)
         eps = ctx.randn(*zd.shape)
         m_t, sigma_t = self.sde.marginal(t_p)
         z_t = _bc(m_t, zd) * zd + _bc(sigma_t, zd) * eps
         loss_prior = (ctx.m("prior")(z_t, t_p.to(zd.dtype)) - eps).float().pow(2).mean()
         ctx.optimize("prior", loss_prior)
-        return {"loss_vae": loss_vae.detach(), "loss_prior": loss_prior.detach(),
-                "nelbo_bpd": bits_per_dim(nelbo_i.mean(), n_dims).detach()}
+        return loss_prior.detach()
 
     def card(self) -> dict:
         return {"dataset": self.data.name,
