@@ -19,13 +19,7 @@ from fastsample.train import TrainConfig, train
 from fastsample.train.batches import batch_sampler
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny nets run fastest on one thread; on the shared 2-core box two threads spin.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")

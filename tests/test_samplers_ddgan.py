@@ -21,13 +21,7 @@ from fastsample.sde import ddgan_schedule
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small tensors: one thread is fastest on the shared 2-core box (two threads spin).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fastsample.nets import MLPConfig, TimeMLP, UNet, UNetConfig
+from fastsample.nets.layers import config_from_dict
 from fastsample.sde import CLD, CLDConfig
 
 SAMPLERS = ("sscs", "em", "ode")
@@ -113,11 +114,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"cld Config: unknown fields {unknown}; allowed {sorted(names)}")
-        return cls(**{**d, "data_shape": tuple(d.get("data_shape", cls.data_shape))})
+        return config_from_dict(cls, d)
 
 
 def default_config(data) -> Config:

@@ -13,6 +13,8 @@ only (static at trace time); NaN checks belong to the callers outside the hot lo
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import torch
@@ -225,3 +227,15 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def config_from_dict(cls, d: dict):
+    """Rebuild a frozen config dataclass from its JSON dict (lists back to tuples); unknown keys
+    raise, naming the allowed ones. Shared by every config that a checkpoint card carries."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{cls.__name__}.from_dict: expected a dict, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown}; allowed {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

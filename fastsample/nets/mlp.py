@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from fastsample.nets.layers import TIME_EMBEDDINGS, check_input, time_features, zero_module
+from fastsample.nets.layers import (TIME_EMBEDDINGS, check_input, config_from_dict, time_features,
+                                    zero_module)
 
 TIME_MODES = ("concat", "add")
 
@@ -53,11 +54,7 @@ class MLPConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MLPConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"MLPConfig.from_dict: unknown fields {unknown}; allowed {sorted(names)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class TimeMLP(nn.Module):

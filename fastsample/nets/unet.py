@@ -17,19 +17,9 @@ import torch
 import torch.nn as nn
 
 from fastsample.nets.layers import (TIME_EMBEDDINGS, AdaGroupNormSiLU, AttnBlock, Downsample,
+                                    config_from_dict,
                                     MappingMLP, ResBlock, TimeEmbedding, Upsample, check_input,
                                     zero_module)
-
-
-def _config_from_dict(cls, d: dict):
-    """Rebuild a frozen config from its JSON dict (lists back to tuples); unknown keys raise."""
-    if not isinstance(d, dict):
-        raise TypeError(f"{cls.__name__}.from_dict: expected a dict, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown}; allowed {sorted(names)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def _check_levels(cls_name: str, resolution: int, ch_mult: tuple, base_ch: int, num_groups: int):
@@ -102,7 +92,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
-        return _config_from_dict(cls, d)
+        return config_from_dict(cls, d)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "UNetConfig":
@@ -252,7 +242,7 @@ class DiscriminatorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiscriminatorConfig":
-        return _config_from_dict(cls, d)
+        return config_from_dict(cls, d)
 
 
 class Discriminator(nn.Module):

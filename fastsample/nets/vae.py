@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastsample.nets.layers import AdaGroupNormSiLU, Downsample, ResBlock, Upsample, check_input, zero_module
+from fastsample.nets.layers import (AdaGroupNormSiLU, Downsample, ResBlock, Upsample, check_input,
+                                    config_from_dict, zero_module)
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"VAEConfig.from_dict: unknown fields {unknown}; allowed {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return config_from_dict(cls, d)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "VAEConfig":
