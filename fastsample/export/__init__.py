@@ -1,0 +1,1 @@
+"""`python -m fastsample.export`: artifacts for serving (see export/README.md)."""

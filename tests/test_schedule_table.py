@@ -1,0 +1,74 @@
+"""schedule.txt (fastsample/export/schedule.py): the table round-trips through text exactly, and
+its Python loop (the twin of the C++ runtime) reproduces each family's sampler given the
+sampler's own noise, on the released checkpoints."""
+
+import pytest
+import torch
+
+from fastsample.export.schedule import (Table, ScheduleError, cld_table, ddgan_table, noise_draws,
+                                        postprocess, run_table)
+from fastsample.kernels.affine import _twin_normals
+from fastsample.models import load_model
+from fastsample.samplers import cld as sc
+from fastsample.samplers import ddgan as sd
+from fastsample.samplers import seed_tensor
+
+N, SEED = 5, 3
+
+
+def _twin_noise(table, like, stride):
+    """The CPU twins' noise, counter by counter, as the sampler drew it."""
+    st, out, k = seed_tensor(SEED, "cpu"), [], 0
+    for d in noise_draws(table):
+        if d:
+            out.append(list(_twin_normals(st, k * stride, d, like)))
+        else:
+            out.append([])
+        k += 1 if table.family == "ddgan" or d else 0
+    return out
+
+
+def test_ddgan_table_reproduces_sampler(one_thread):
+    m, _ = load_model("checkpoints/digits/ddgan.safetensors")
+    tab = ddgan_table(m)
+    assert Table.parse(tab.to_text()).rows == tab.rows
+    assert tab.header["postprocess"] == ("quantize17",) and tab.header["nfe"] == (m.T,)
+    want, _ = sd.sample(m, "posterior", m.T, N, SEED)
+    x_T = torch.randn((N, *m.data_shape), generator=torch.Generator().manual_seed(SEED))
+    z = sd.draw_latents(m.T, N, m.z_dim, SEED, "cpu")
+    got = postprocess(tab, run_table(tab, m.denoise, x_T, _twin_noise(tab, x_T, x_T.numel()),
+                                     z=z))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["sscs", "em"])
+def test_cld_table_reproduces_sampler(one_thread, name):
+    m, _ = load_model("checkpoints/digits/cld.safetensors")
+    tab = cld_table(m, name, 12)
+    assert Table.parse(tab.to_text()).rows == tab.rows
+    assert tab.header["nfe"] == (12,) and sum(r[0] for r in tab.rows) == 12
+    want, nfe = sc.sample(m, name, 12, N, SEED, "cpu")
+    x_T, v_T = sc.prior(m.cld, N, m.data_shape, torch.Generator().manual_seed(SEED), "cpu")
+    got = postprocess(tab, run_table(tab, m.alpha, x_T, _twin_noise(tab, x_T, x_T.numel()),
+                                     v=v_T))
+    assert nfe == 12 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("fastsample-schedule 2\n", "format 1"),
+    ("fastsample-schedule 1\nfamily ddgan\nsampler posterior\nnfe 1\ndata_shape 2\n"
+     "postprocess none\ncolumns i c0 c1 sigma\nrow 1 1 0\n", ":8: bad 'row'"),
+    ("fastsample-schedule 1\nfamily ddgan\nsampler posterior\nnfe x\n", ":4: bad 'nfe'"),
+    ("fastsample-schedule 1\nfamily ddgan\nsampler posterior\nnfe 1\ndata_shape 2\n"
+     "columns i c0 c1 sigma\nrow 1 1 0 nan\n", "bad 'row'"),
+    ("fastsample-schedule 1\nfamily ddgan\nsampler posterior\nnfe 1\ndata_shape 2\n"
+     "columns i c0 c1 sigma\nrow 1 1 0 0\n", "'postprocess' line is missing"),
+])
+def test_bad_schedule_text(text, msg):
+    with pytest.raises(ScheduleError, match=msg):
+        Table.parse(text, "s.txt")
+
+
+def test_unreadable_schedule(tmp_path):
+    with pytest.raises(ScheduleError, match="cannot read"):
+        Table.read(tmp_path / "missing.txt")
