@@ -71,6 +71,13 @@ def _affine2(x, v, alpha, k_v, k_alpha, T, K, seed, offset, d_xv=0.0) -> None:
     impl(x, v, alpha, k_v, k_alpha, T, K, seed, offset, d_xv)
 
 
+def cld_affine_step_(x, v, alpha, k_v: float, k_alpha: float, T, K, seed, offset: int,
+                     d_xv: float = 0.0) -> None:
+    """One CLD row of a schedule table (fastsample/export/schedule.py) as the generic kernel:
+    the named steps below are special cases of it. alpha None: no network term."""
+    _affine2(x, v, alpha, k_v, k_alpha, T, K, seed, offset, d_xv)
+
+
 def sscs_step_(x, v, alpha, k_v: float, k_alpha: float, T, K, seed, offset: int) -> None:
     """Fused SSCS step (sec. 5.3): v <- k_v v + k_alpha alpha, then the exact A map
     (x, v) <- T (x, v) + K n with T = (T_xx, T_xv, T_vx, T_vv), K = (K11, K21, K22), the composed

@@ -69,7 +69,7 @@ class GaussianFourierFeatures(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # Autocast off and float32: log t of small t loses everything in half precision.
         with torch.autocast(device_type=t.device.type, enabled=False):
-            proj = 2 * math.pi * torch.log(t.float())[:, None] * self.W[None, :]  # (N, dim/2)
+            proj = 2 * math.pi * torch.log(t.float())[:, None] * self.W.float()[None, :]  # (N, dim/2)
             return torch.cat([torch.sin(proj), torch.cos(proj)], dim=1)  # (N, dim)
 
 
@@ -87,7 +87,7 @@ class SinusoidalFeatures(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=t.device.type, enabled=False):
-            arg = (t.float() * self.time_scale)[:, None] * self.freqs[None, :]  # (N, dim/2)
+            arg = (t.float() * self.time_scale)[:, None] * self.freqs.float()[None, :]  # (N, dim/2)
             return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)  # (N, dim)
 
 
@@ -109,7 +109,8 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(feat_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.features(t))
+        # Features stay float32 (see above); the MLP runs in the net's dtype (fp16/bf16 engines).
+        return self.mlp(self.features(t).to(self.mlp[0].weight.dtype))
 
 
 class MappingMLP(nn.Module):
