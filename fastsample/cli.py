@@ -103,6 +103,13 @@ def _sample_args(sp: argparse.ArgumentParser) -> None:
                     help="time striding, where the sampler has one")
     sp.add_argument("--rtol", type=float, default=None, help="ode samplers: relative tolerance")
     sp.add_argument("--atol", type=float, default=None, help="ode samplers: absolute tolerance")
+    sp.add_argument("--engine", action="store_true",
+                    help="sample through fastsample.runtime.Engine (static buffers; one CUDA graph "
+                    "per batch on cuda): ddgan posterior, cld sscs|em, lsgm decode. Batch j > 0 "
+                    "uses a seed derived from (--seed, j), so only --num <= --batch reproduces "
+                    "the plain path's samples")
+    sp.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                    help="with --engine: the network and state dtype")
     sp.add_argument("--out", required=True, metavar="F.npz")
     sp.add_argument("--png", metavar="G.png", default=None,
                     help="also write a PNG: a grid of images, or a scatter plot of 2D samples")
@@ -142,12 +149,17 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     opts = {k: getattr(ns, k) for k in ("schedule", "rtol", "atol") if getattr(ns, k) is not None}
     if ns.steps is None:
         ns.steps = default_steps(card.family, ns.sampler, model)
-    t0 = time.perf_counter()
     # Batches of at most 500 give the progress bar something to count on long runs.
     batch = ns.batch if ns.batch is not None else min(ns.num, 500)
-    samples, nfe = mod.sample(model, ns.sampler, ns.steps, ns.num, ns.seed, ns.device,
-                              batch=batch, progress=True, **opts)
-    seconds = time.perf_counter() - t0
+    if ns.engine:
+        samples, nfe, seconds = _sample_engine(model, card, ns, batch, opts)
+    else:
+        if ns.dtype != "fp32":
+            raise ValueError("--dtype applies to --engine sampling only")
+        t0 = time.perf_counter()
+        samples, nfe = mod.sample(model, ns.sampler, ns.steps, ns.num, ns.seed, ns.device,
+                                  batch=batch, progress=True, **opts)
+        seconds = time.perf_counter() - t0
     arr = samples.detach().float().cpu().numpy()
     atomic_save_npz(ns.out, samples=arr, nfe=np.int64(nfe), seconds=np.float64(seconds),
                     sampler=np.str_(ns.sampler), family=np.str_(card.family),
@@ -158,6 +170,40 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     print(f"{ns.out}: {ns.num} samples, {card.family}/{ns.sampler}, nfe={nfe}, "
           f"{seconds:.3f} s ({seconds / ns.num * 1e3:.3f} ms/sample)")
     return 0
+
+
+def engine_seed(seed: int, j: int) -> int:
+    """The seed of request j of an --engine run: the run's seed for j = 0, else a SplitMix64
+    mix of (seed, j), so runs with neighbouring seeds do not share batches."""
+    if j == 0:
+        return seed
+    from fastsample.kernels.affine import _splitmix64
+    return _splitmix64((seed << 24) + j) % (1 << 63)
+
+
+def _sample_engine(model, card, ns, batch: int, opts: dict):
+    import time
+
+    import torch
+
+    from fastsample.runtime import Engine
+    from fastsample.samplers import batch_starts
+
+    if opts.get("rtol") is not None or opts.get("atol") is not None:
+        raise ValueError("--engine runs fixed-step samplers; --rtol/--atol do not apply")
+    kw = {"schedule": opts["schedule"]} if "schedule" in opts else {}
+    steps = None if card.family == "lsgm" else ns.steps
+    t0 = time.perf_counter()
+    engine = Engine(model, ns.sampler, steps, batch=batch, dtype=ns.dtype, device=ns.device,
+                    **kw)
+    print(f"engine: {engine} built in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    outs = []
+    t0 = time.perf_counter()
+    for j, s in enumerate(batch_starts(ns.num, batch, True, f"{card.family} engine")):
+        outs.append(engine.sample(engine_seed(ns.seed, j))[:ns.num - s])
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+    return torch.cat(outs), engine.nfe, time.perf_counter() - t0
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:

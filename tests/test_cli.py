@@ -107,3 +107,37 @@ def test_sample_bad_input_for_a_toy_ddgan(tmp_path, capsys, extra, msg):
     assert main(["sample", str(TOY_DDGAN), "--num", "8", "--out", str(out), *extra]) == 2
     assert msg in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.skipif(not TOY_DDGAN.exists(), reason="released grid25 DDGAN checkpoint missing")
+def test_sample_engine_matches_plain_path_and_splits_batches(tmp_path):
+    plain, eng = tmp_path / "p.npz", tmp_path / "e.npz"
+    args = ["sample", str(TOY_DDGAN), "--sampler", "posterior", "--seed", "3"]
+    assert main([*args, "--num", "16", "--out", str(plain)]) == 0
+    assert main([*args, "--num", "16", "--engine", "--out", str(eng)]) == 0
+    with np.load(plain) as p, np.load(eng) as e:
+        assert np.array_equal(p["samples"], e["samples"]) and int(e["nfe"]) == 4
+    # 3 requests of 16 (the last one cut to 8): batch j > 0 gets its own seed.
+    assert main([*args, "--num", "40", "--batch", "16", "--engine", "--out", str(eng)]) == 0
+    with np.load(eng) as e, np.load(plain) as p:
+        s = e["samples"]
+        assert s.shape == (40, 2) and np.array_equal(s[:16], p["samples"])
+        assert not np.array_equal(s[16:32], s[:16]) and np.isfinite(s).all()
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--dtype", "bf16"], "--dtype applies to --engine"),
+    (["--engine", "--steps", "3"], "trained with T="),
+])
+def test_sample_engine_bad_input(tmp_path, capsys, extra, msg):
+    out = tmp_path / "s.npz"
+    assert main(["sample", "checkpoints/digits/ddgan.safetensors", "--sampler", "posterior",
+                 "--num", "4", "--out", str(out), *extra]) == 2
+    assert msg in capsys.readouterr().err and not out.exists()
+
+
+def test_sample_engine_refuses_ddpm(tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert main(["sample", "checkpoints/digits/ddpm.safetensors", "--sampler", "ddim", "--num",
+                 "4", "--engine", "--out", str(out)]) == 2
+    assert "family 'ddpm'" in capsys.readouterr().err and not out.exists()

@@ -84,7 +84,7 @@ class Engine:
     def __init__(self, model, sampler: str, steps: int | None = None, *, batch: int = 1,
                  dtype: str = "fp32", device="cpu", cuda_graph: bool | None = None,
                  noise: str = "auto", warmup: int = 2, **opts):
-        family = getattr(model, "family", None)
+        family = getattr(model, "family", None) or type(model).__module__.rsplit(".", 1)[-1]
         if family not in ENGINE_SAMPLERS:
             raise EngineError(f"Engine serves {sorted(ENGINE_SAMPLERS)} models, got "
                               f"{type(model).__name__} (family {family!r}); ddpm and the ODE "
