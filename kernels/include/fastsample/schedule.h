@@ -1,0 +1,35 @@
+// schedule.txt: the sampler as a plain-text table (format: fastsample/export/schedule.py).
+
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fastsample {
+
+struct Schedule {
+  std::string family;                  // ddgan | cld
+  std::string sampler;                 // ddgan: posterior; cld: sscs | em
+  int64_t nfe = 0;                     // network calls per sample (checked against the rows)
+  std::vector<int64_t> data_shape;     // one sample's shape, e.g. {1, 8, 8}
+  int64_t z_dim = 0;                   // ddgan: the generator's latent width
+  double prior_v_scale = 1.0;          // cld: v_T = prior_v_scale * N(0, I)
+  std::string postprocess;             // quantize17 | clamp01 | none
+  std::vector<std::string> columns;
+  std::vector<std::vector<double>> rows;
+
+  // Parse the text; `where` names the file in errors ("WHERE:LINE: ..."). Throws fastsample::Error.
+  static Schedule parse(const std::string& text, const std::string& where);
+  static Schedule read(const std::string& path);
+
+  // Per row, how many standard-normal tensors of the state's shape it consumes (0, 1 or 2).
+  std::vector<int> noise_draws() const;
+  int64_t total_draws() const;
+  // Elements of one sample (the product of data_shape).
+  int64_t sample_numel() const;
+  // Value of column `name` in row k.
+  double at(size_t k, const std::string& name) const;
+};
+
+}  // namespace fastsample

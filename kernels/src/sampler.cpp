@@ -1,0 +1,239 @@
+// The sampler loop over an AOTInductor package: the C++ twin of run_table
+// (fastsample/export/schedule.py), same rows, same noise order, same float32 step math.
+
+#include "fastsample/sampler.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <filesystem>
+#include <sstream>
+
+#include "fastsample/error.h"
+#include "fastsample/npy.h"
+#include "fastsample/steps.h"
+#ifdef FASTSAMPLE_WITH_CUDA
+#include "fastsample/steps.cuh"
+#endif
+
+namespace fs = std::filesystem;
+
+namespace fastsample {
+namespace {
+
+std::string first_line(const std::string& s) {
+  const auto end = s.find('\n');
+  return end == std::string::npos ? s : s.substr(0, end);
+}
+
+std::string shape_str(at::IntArrayRef shape) {
+  std::ostringstream ss;
+  ss << "(";
+  for (size_t i = 0; i < shape.size(); ++i) ss << (i ? ", " : "") << shape[i];
+  ss << (shape.size() == 1 ? ",)" : ")");
+  return ss.str();
+}
+
+std::vector<int64_t> cat_shape(std::vector<int64_t> head, const std::vector<int64_t>& tail) {
+  head.insert(head.end(), tail.begin(), tail.end());
+  return head;
+}
+
+}  // namespace
+
+//----------------------------------------------------------------------------------------------
+// Loading.
+
+Sampler::Sampler(const std::string& artifact_dir, c10::Device device)
+    : dir_(artifact_dir), device_(device) {
+  if (!fs::is_directory(dir_)) throw Error(dir_ + ": not an artifact directory (does not exist)");
+  for (const char* name : {"schedule.txt", "model.pt2", "manifest.json"})
+    if (!fs::is_regular_file(fs::path(dir_) / name))
+      throw Error(dir_ + ": not an artifact directory (no " + name + ")");
+  schedule_ = Schedule::read((fs::path(dir_) / "schedule.txt").string());
+  if (device_.is_cuda()) {
+#ifndef FASTSAMPLE_WITH_CUDA
+    throw Error("--device cuda: this build has no CUDA support (CPU-only libtorch or "
+                "FASTSAMPLE_CUDA=OFF)");
+#endif
+  }
+  const std::string pt2 = (fs::path(dir_) / "model.pt2").string();
+  std::string pkg_device;
+  try {
+    auto meta = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(pt2, "model");
+    pkg_device = meta.count("AOTI_DEVICE_KEY") ? meta["AOTI_DEVICE_KEY"] : "";
+  } catch (const std::exception& e) {
+    throw Error(pt2 + ": cannot read the AOTInductor package (" + first_line(e.what()) + ")");
+  }
+  if (!pkg_device.empty() && pkg_device != c10::DeviceTypeName(device_.type(), true))
+    throw Error(pt2 + ": compiled for " + pkg_device + ", asked to run on " +
+                c10::DeviceTypeName(device_.type(), true));
+  try {
+    loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+        pt2, "model", false, 1, device_.has_index() ? device_.index() : -1);
+  } catch (const std::exception& e) {
+    throw Error(pt2 + ": cannot load the AOTInductor package (" + first_line(e.what()) + ")");
+  }
+}
+
+Sampler::~Sampler() = default;
+
+//----------------------------------------------------------------------------------------------
+// Noise.
+
+Noise Sampler::draw_noise(int64_t num, uint64_t seed) const {
+  if (num < 1) throw Error("--num must be >= 1, got " + std::to_string(num));
+  const auto& s = schedule_;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  auto opt = at::TensorOptions().dtype(at::kFloat);
+  Noise n;
+  n.x_T = at::randn(cat_shape({num}, s.data_shape), gen, opt);
+  if (s.family == "cld") n.v_T = at::randn(cat_shape({num}, s.data_shape), gen, opt);
+  if (s.family == "ddgan") n.z = at::randn({s.nfe, num, s.z_dim}, gen, opt);
+  n.noise = at::randn(cat_shape({s.total_draws(), num}, s.data_shape), gen, opt);
+  return n;
+}
+
+Noise Sampler::load_noise(const std::string& dir, int64_t num) const {
+  if (!fs::is_directory(dir)) throw Error(dir + ": no such noise directory");
+  const auto& s = schedule_;
+  auto load = [&](const char* name, const std::vector<int64_t>& want) {
+    const std::string path = (fs::path(dir) / name).string();
+    auto t = read_npy(path);
+    if (t.sizes() != at::IntArrayRef(want))
+      throw Error(path + ": shape " + shape_str(t.sizes()) + ", expected " + shape_str(want) +
+                  " for this artifact's schedule");
+    return t;
+  };
+  Noise n;
+  if (num < 0) {
+    auto x = read_npy((fs::path(dir) / "x_T.npy").string());
+    num = x.dim() > 0 ? x.size(0) : 0;
+  }
+  n.x_T = load("x_T.npy", cat_shape({num}, s.data_shape));
+  if (s.family == "cld") n.v_T = load("v_T.npy", cat_shape({num}, s.data_shape));
+  if (s.family == "ddgan") n.z = load("z.npy", {s.nfe, num, s.z_dim});
+  n.noise = load("noise.npy", cat_shape({s.total_draws(), num}, s.data_shape));
+  return n;
+}
+
+//----------------------------------------------------------------------------------------------
+// The loop.
+
+at::Tensor Sampler::call_net(std::vector<at::Tensor> inputs) {
+  const auto want = inputs[0].sizes().vec();
+  auto out = loader_->run(inputs);
+  if (out.size() != 1 || out[0].sizes() != at::IntArrayRef(want))
+    throw Error(dir_ + "/model.pt2: returned " + std::to_string(out.size()) + " output(s)" +
+                (out.empty() ? "" : " shaped " + shape_str(out[0].sizes())) + ", expected one " +
+                shape_str(want));
+  return out[0].to(at::kFloat).contiguous();
+}
+
+void Sampler::step1(at::Tensor& x, const at::Tensor& e, const at::Tensor* n0,
+                    size_t row) {
+  const auto c = Affine1Coeffs::from_double(schedule_.rows[row][2], schedule_.rows[row][1],
+                                            schedule_.rows[row][3]);
+  const float* np = n0 ? n0->data_ptr<float>() : nullptr;
+  if (x.is_cuda()) {
+#ifdef FASTSAMPLE_WITH_CUDA
+    const int rc = cuda::affine1(x.numel(), x.data_ptr<float>(), e.data_ptr<float>(), np, c);
+    if (rc) throw std::runtime_error(std::string("affine1 launch: ") + cuda::error_string(rc));
+#endif
+    return;
+  }
+  affine1(x.numel(), x.data_ptr<float>(), e.data_ptr<float>(), np, c);
+}
+
+void Sampler::step2(at::Tensor& x, at::Tensor& v, const at::Tensor* alpha,
+                    const at::Tensor* n0, const at::Tensor* n1, size_t row) {
+  const auto& r = schedule_.rows[row];
+  Affine2Coeffs c;
+  c.k_v = static_cast<float>(r[2]);
+  c.k_alpha = static_cast<float>(r[3]);
+  c.T_xx = static_cast<float>(r[4]);
+  c.T_xv = static_cast<float>(r[5]);
+  c.T_vx = static_cast<float>(r[6]);
+  c.T_vv = static_cast<float>(r[7]);
+  c.K11 = static_cast<float>(r[8]);
+  c.K21 = static_cast<float>(r[9]);
+  c.K22 = static_cast<float>(r[10]);
+  c.D_xv = static_cast<float>(r[11]);
+  const float* ap = alpha ? alpha->data_ptr<float>() : nullptr;
+  const float* p0 = n0 ? n0->data_ptr<float>() : nullptr;
+  const float* p1 = n1 ? n1->data_ptr<float>() : nullptr;
+  if (x.is_cuda()) {
+#ifdef FASTSAMPLE_WITH_CUDA
+    const int rc = cuda::affine2(x.numel(), x.data_ptr<float>(), v.data_ptr<float>(), ap, p0,
+                                 p1, c);
+    if (rc) throw std::runtime_error(std::string("affine2 launch: ") + cuda::error_string(rc));
+#endif
+    return;
+  }
+  affine2(x.numel(), x.data_ptr<float>(), v.data_ptr<float>(), ap, p0, p1, c);
+}
+
+at::Tensor Sampler::run(const Noise& noise, int64_t start, int64_t count) {
+  c10::InferenceMode guard;
+  const auto& s = schedule_;
+  const auto draws = s.noise_draws();
+  auto on_dev = [&](const at::Tensor& t) {
+    return t.narrow(0, start, count).to(device_, at::kFloat).contiguous();
+  };
+  auto opt = at::TensorOptions().dtype(at::kFloat).device(device_);
+  // Time inputs built before the loop: the loop itself allocates only net outputs.
+  std::vector<at::Tensor> times;
+  for (size_t k = 0; k < s.rows.size(); ++k)
+    times.push_back(at::full({count}, static_cast<float>(s.rows[k][s.family == "ddgan" ? 0 : 1]),
+                                opt));
+  auto x = on_dev(noise.x_T).clone();
+  int64_t d = 0;   // next draw in noise.noise
+  if (s.family == "ddgan") {
+    for (size_t k = 0; k < s.rows.size(); ++k) {
+      // x0' = G(x, z_k, i); x <- c0 x0' + c1 x + sigma n
+      auto x0 = call_net({x, on_dev(noise.z[static_cast<int64_t>(k)]), times[k]});
+      at::Tensor n0;
+      if (draws[k]) n0 = on_dev(noise.noise[d++]);
+      step1(x, x0, draws[k] ? &n0 : nullptr, k);
+    }
+    return x;
+  }
+  // v = prior_v_scale * N(0, I), rounded as torch rounds `v * math.sqrt(M)`
+  auto v = (on_dev(noise.v_T) * s.prior_v_scale).contiguous();
+  for (size_t k = 0; k < s.rows.size(); ++k) {
+    at::Tensor alpha, n0, n1;
+    if (s.rows[k][0] != 0.0) alpha = call_net({x, v, times[k]});
+    if (draws[k]) {
+      n0 = on_dev(noise.noise[d++]);
+      n1 = on_dev(noise.noise[d++]);
+    }
+    step2(x, v, alpha.defined() ? &alpha : nullptr, draws[k] ? &n0 : nullptr,
+          draws[k] ? &n1 : nullptr, k);
+  }
+  return x;
+}
+
+at::Tensor Sampler::sample(const Noise& noise, int64_t batch) {
+  const int64_t num = noise.num();
+  if (batch < 1) throw Error("--batch must be >= 1, got " + std::to_string(batch));
+  // Off the CPU, the whole run's noise moves to the device once, not per step.
+  Noise dev = noise;
+  if (!device_.is_cpu())
+    for (auto* t : {&dev.x_T, &dev.v_T, &dev.z, &dev.noise})
+      if (t->defined()) *t = t->to(device_);
+  std::vector<at::Tensor> outs;
+  for (int64_t start = 0; start < num; start += batch)
+    outs.push_back(run(dev, start, std::min(batch, num - start)).to(at::kCPU));
+  return at::cat(outs);
+}
+
+at::Tensor Sampler::postprocess(const at::Tensor& x) const {
+  c10::InferenceMode guard;
+  const auto xf = x.to(at::kFloat);
+  if (schedule_.postprocess == "quantize17")
+    return at::floor((xf + 1) / 2 * 17).clamp(0, 16) / 16;
+  if (schedule_.postprocess == "clamp01") return ((xf + 1) / 2).clamp(0, 1);
+  return xf.clone();
+}
+
+}  // namespace fastsample

@@ -1,0 +1,220 @@
+"""ctest fixture: artifact directories + noise + the Python loop's outputs for the C++ runtime.
+
+    python kernels/tests/make_fixture.py OUT_DIR [--num 4] [--cld-steps 8]
+
+Writes, for each case (ddgan, cld-sscs, cld-em):
+
+    OUT_DIR/<case>/model.pt2        AOTInductor package (export_model_pt2; one compile per family,
+                                    the cld-em directory reuses cld-sscs's file)
+    OUT_DIR/<case>/schedule.txt     fastsample.export.schedule table
+    OUT_DIR/<case>/manifest.json    a minimal manifest (the C++ side only checks that it exists)
+    OUT_DIR/<case>/noise/           x_T.npy, v_T.npy (cld), z.npy (ddgan), noise.npy: the draws the
+                                    loop consumes, in the format of kernels/README.md
+    OUT_DIR/<case>/expected/        x.npy (model space) and samples.npy (data space) from run_table
+                                    on the eager net (the oracle), x_aoti.npy / samples_aoti.npy
+                                    from run_table on the same model.pt2 loaded in Python
+
+Before writing, it checks that run_table reproduces the family's real sampler (the CPU twins'
+noise, as tests/test_schedule_table.py does), so the expected outputs are the sampler's outputs.
+A stamp file keyed by the inputs (checkpoints, this script, schedule.py, torch version, options)
+makes a second run a no-op: AOTInductor compiles take about a minute each on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastsample.export.schedule import (Table, cld_table, ddgan_table, noise_draws, postprocess,
+                                        run_table)
+from fastsample.kernels.affine import _twin_normals
+from fastsample.models import load_model
+from fastsample.samplers import cld as sc
+from fastsample.samplers import ddgan as sd
+from fastsample.samplers import seed_tensor
+
+ROOT = Path(__file__).resolve().parents[2]
+DDGAN_CKPT = ROOT / "checkpoints/digits/ddgan.safetensors"
+CLD_CKPT = ROOT / "checkpoints/digits/cld.safetensors"
+SEED = 3
+MAX_BATCH = 4096            # the artifacts' dynamic batch range is [1, MAX_BATCH]
+BATCH_SPLIT = 3             # expected/*_b3.npy: the Python loop in batches of 3
+
+
+#-----------------------------------------------------------------------------------------------
+# The one export call (to be swapped for `python -m fastsample.export --format aoti` later).
+
+class _Generator(torch.nn.Module):
+    """DDGAN convention: (x_t (N, ...), z (N, z_dim), t (N,) float step index) -> x0."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t, z, t):
+        return self.model.denoise(x_t, z, t)
+
+
+class _Score(torch.nn.Module):
+    """CLD convention: (x (N, ...), v (N, ...), t (N,) forward time) -> alpha."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, v, t):
+        return self.model.alpha(x, v, t)
+
+
+def export_model_pt2(model, what: str, inputs: tuple, out: Path) -> None:
+    """AOTInductor package of the generator / score net at `out`, batch axis 0 dynamic."""
+    net = (_Generator if what == "generator" else _Score)(model).eval()
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    shapes = tuple({0: batch} for _ in inputs)
+    with torch.no_grad():
+        ep = torch.export.export(net, inputs, dynamic_shapes=shapes)
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(out))
+
+
+#-----------------------------------------------------------------------------------------------
+# Fixture cases.
+
+def _twin_noise(table: Table, like: torch.Tensor) -> list:
+    """The CPU twins' per-row noise as the real sampler draws it (offset k * numel)."""
+    st, out, k = seed_tensor(SEED, "cpu"), [], 0
+    for d in noise_draws(table):
+        out.append(list(_twin_normals(st, k * like.numel(), d, like)) if d else [])
+        k += 1 if table.family == "ddgan" or d else 0
+    return out
+
+
+def _save(path: Path, t: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.ascontiguousarray(t.detach().cpu().float().numpy()).astype("<f4"))
+
+
+def _flat_noise(noise: list, like: torch.Tensor) -> torch.Tensor:
+    draws = [n for row in noise for n in row]
+    return torch.stack(draws) if draws else torch.zeros((0, *like.shape))
+
+
+def _write_case(case: Path, table: Table, model_pt2: Path, noise_files: dict, expected: dict):
+    case.mkdir(parents=True, exist_ok=True)
+    if model_pt2 != case / "model.pt2":
+        shutil.copyfile(model_pt2, case / "model.pt2")
+    table.write(case / "schedule.txt")
+    (case / "manifest.json").write_text(json.dumps({
+        "family": table.family, "format": "aoti", "sampler": table.header["sampler"][0],
+        "note": "written by kernels/tests/make_fixture.py (test fixture)"}, indent=1) + "\n")
+    for name, t in noise_files.items():
+        _save(case / "noise" / f"{name}.npy", t)
+    for name, t in expected.items():
+        _save(case / "expected" / f"{name}.npy", t)
+
+
+def _batched(table: Table, net, x, noise, batch: int, z=None, v=None) -> torch.Tensor:
+    """run_table over batches of `batch` samples, each with its slice of every draw."""
+    outs = []
+    for s in range(0, x.shape[0], batch):
+        sl = slice(s, s + batch)
+        outs.append(run_table(table, net, x[sl], [[n[sl] for n in row] for row in noise],
+                              z=None if z is None else z[:, sl], v=None if v is None else v[sl]))
+    return torch.cat(outs)
+
+
+def _expected(table: Table, eager, aoti, x, noise, **kw) -> dict:
+    """Model and data space outputs of the Python loop: eager net (the oracle) and model.pt2,
+    whole batch and batches of BATCH_SPLIT (a compiled net's rounding may depend on the batch)."""
+    x_eager = run_table(table, eager, x, noise, **kw)
+    x_aoti = run_table(table, aoti, x, noise, **kw)
+    x_split = _batched(table, aoti, x, noise, BATCH_SPLIT, **kw)
+    return {"x": x_eager, "samples": postprocess(table, x_eager),
+            "x_aoti": x_aoti, "samples_aoti": postprocess(table, x_aoti),
+            f"x_aoti_b{BATCH_SPLIT}": x_split,
+            f"samples_aoti_b{BATCH_SPLIT}": postprocess(table, x_split)}
+
+
+def make_ddgan(out: Path, num: int) -> None:
+    m, _ = load_model(DDGAN_CKPT)
+    tab = ddgan_table(m)
+    x_T = torch.randn((num, *m.data_shape), generator=torch.Generator().manual_seed(SEED))
+    z = sd.draw_latents(m.T, num, m.z_dim, SEED, "cpu")
+    noise = _twin_noise(tab, x_T)
+    # The table's loop is the sampler: same noise, identical samples.
+    want, _ = sd.sample(m, "posterior", m.T, num, SEED)
+    got = postprocess(tab, run_table(tab, m.denoise, x_T, noise, z=z))
+    if not torch.equal(got, want):
+        sys.exit("make_fixture: run_table does not reproduce the ddgan sampler")
+    case = out / "ddgan"
+    case.mkdir(parents=True, exist_ok=True)
+    export_model_pt2(m, "generator", (x_T, z[0], torch.full((num,), 1.0)), case / "model.pt2")
+    aoti = torch._inductor.aoti_load_package(str(case / "model.pt2"))
+    _write_case(case, tab, case / "model.pt2",
+                {"x_T": x_T, "z": z, "noise": _flat_noise(noise, x_T)},
+                _expected(tab, m.denoise, aoti, x_T, noise, z=z))
+
+
+def make_cld(out: Path, num: int, steps: int) -> None:
+    m, _ = load_model(CLD_CKPT)
+    g = torch.Generator().manual_seed(SEED)
+    # sc.prior, with the unscaled v draw kept: the C++ side multiplies by prior_v_scale.
+    x_T = torch.randn((num, *m.data_shape), generator=g)
+    v_raw = torch.randn((num, *m.data_shape), generator=g)
+    v_T = v_raw * math.sqrt(m.cld.M)
+    model_pt2 = out / "cld-sscs" / "model.pt2"
+    model_pt2.parent.mkdir(parents=True, exist_ok=True)
+    export_model_pt2(m, "score", (x_T, v_T, torch.full((num,), 0.5)), model_pt2)
+    aoti = torch._inductor.aoti_load_package(str(model_pt2))
+    for name in ("sscs", "em"):
+        tab = cld_table(m, name, steps)
+        noise = _twin_noise(tab, x_T)
+        want, _ = sc.sample(m, name, steps, num, SEED, "cpu")
+        got = postprocess(tab, run_table(tab, m.alpha, x_T, noise, v=v_T))
+        if not torch.equal(got, want):
+            sys.exit(f"make_fixture: run_table does not reproduce the cld {name} sampler")
+        _write_case(out / f"cld-{name}", tab, model_pt2,
+                    {"x_T": x_T, "v_T": v_raw, "noise": _flat_noise(noise, x_T)},
+                    _expected(tab, m.alpha, aoti, x_T, noise, v=v_T))
+
+
+#-----------------------------------------------------------------------------------------------
+
+def _stamp(args) -> str:
+    h = hashlib.sha256()
+    for p in (DDGAN_CKPT, CLD_CKPT, Path(__file__), ROOT / "fastsample/export/schedule.py"):
+        h.update(p.read_bytes())
+    h.update(f"{torch.__version__} {args.num} {args.cld_steps} {SEED} {MAX_BATCH} {BATCH_SPLIT}"
+             .encode())
+    return h.hexdigest()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--num", type=int, default=4, help="samples per case")
+    ap.add_argument("--cld-steps", type=int, default=8, help="NFE of the cld sscs/em tables")
+    args = ap.parse_args(argv)
+    stamp_file, stamp = args.out / "fixture.stamp", _stamp(args)
+    if stamp_file.exists() and stamp_file.read_text() == stamp:
+        print(f"make_fixture: {args.out} is up to date")
+        return 0
+    torch.set_num_threads(1)
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    make_ddgan(args.out, args.num)
+    make_cld(args.out, args.num, args.cld_steps)
+    stamp_file.write_text(stamp)
+    print(f"make_fixture: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
