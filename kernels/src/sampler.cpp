@@ -139,8 +139,10 @@ void Sampler::step1(at::Tensor& x, const at::Tensor& e, const at::Tensor* n0,
 #ifdef FASTSAMPLE_WITH_CUDA
     const int rc = cuda::affine1(x.numel(), x.data_ptr<float>(), e.data_ptr<float>(), np, c);
     if (rc) throw std::runtime_error(std::string("affine1 launch: ") + cuda::error_string(rc));
-#endif
     return;
+#else
+    throw Error("a CUDA tensor in a build without CUDA support");
+#endif
   }
   affine1(x.numel(), x.data_ptr<float>(), e.data_ptr<float>(), np, c);
 }
@@ -167,8 +169,10 @@ void Sampler::step2(at::Tensor& x, at::Tensor& v, const at::Tensor* alpha,
     const int rc = cuda::affine2(x.numel(), x.data_ptr<float>(), v.data_ptr<float>(), ap, p0,
                                  p1, c);
     if (rc) throw std::runtime_error(std::string("affine2 launch: ") + cuda::error_string(rc));
-#endif
     return;
+#else
+    throw Error("a CUDA tensor in a build without CUDA support");
+#endif
   }
   affine2(x.numel(), x.data_ptr<float>(), v.data_ptr<float>(), ap, p0, p1, c);
 }
