@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory ctest
 
 # The C++ runtime (kernels/, CMakeLists.txt) against the wheel's libtorch, then its ctest tests.
-BUILD       ?= build
+BUILD       ?= build/cmake
 BUILD_JOBS  ?= 2
 ctest: $(STAMP)
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DFASTSAMPLE_PYTHON=$(abspath $(VPY)) \
@@ -44,4 +44,4 @@ checkpoints: $(STAMP)
 	$(VPY) -m fastsample.train.release --device $(DEVICE) --jobs $(JOBS)
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache $(BUILD)
+	rm -rf $(VENV) demo-out .pytest_cache build

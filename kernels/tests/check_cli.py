@@ -30,7 +30,7 @@ def main() -> int:
         text = run(exe, case, "--noise", case / "noise", "--out", out, "--repeat", "2",
                    "--threads", "1")
         print(text)
-        for part in (f"nfe {nfe}", "run 2:", "ms/sample", "latency: median", f"wrote {out}"):
+        for part in (f"nfe {nfe}", "run 2:", "ms/sample", "latency: p50", f"wrote {out}"):
             assert part in text, f"stdout lacks {part!r}"
         got = np.load(out)
         assert got.dtype == np.float32 and got.shape == want.shape, (got.dtype, got.shape)
