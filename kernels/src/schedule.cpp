@@ -66,7 +66,8 @@ Schedule Schedule::parse(const std::string& text, const std::string& where) {
     const std::vector<std::string> vals(tok.begin() + 1, tok.end());
     try {
       auto one = [&]() -> const std::string& {
-        if (vals.size() != 1) throw LineError{"1 value expected, got " + std::to_string(vals.size())};
+        if (vals.size() != 1)
+          throw LineError{"1 value expected, got " + std::to_string(vals.size())};
         return vals[0];
       };
       if (key == "row") {

@@ -111,7 +111,8 @@ int run(const Args& a) {
                                : sampler.load_noise(a.noise, a.num);
   const int64_t num = noise.num();
   const int64_t batch = a.batch > 0 ? std::min(a.batch, num) : num;
-  std::printf("fastsample-run: %s %s, nfe %lld, %lld samples in batches of %lld on %s (%d threads)\n",
+  std::printf("fastsample-run: %s %s, nfe %lld, %lld samples in batches of %lld on %s "
+              "(%d threads)\n",
               s.family.c_str(), s.sampler.c_str(), static_cast<long long>(s.nfe),
               static_cast<long long>(num), static_cast<long long>(batch), a.device.c_str(),
               at::get_num_threads());

@@ -10,9 +10,9 @@
 // Arithmetic is float32, one rounding per operation, in the order of the Python loop
 // (fastsample/export/schedule.py run_table): products first, then left-to-right sums. The
 // coefficients arrive as doubles from schedule.txt and are rounded to float once, as torch rounds
-// a python float multiplied into a float32 tensor. Build with -ffp-contract=off (nvcc: --fmad=false)
-// so the compiler does not fuse a product and a sum into one FMA (one rounding less). Under those
-// flags the CPU functions reproduce the torch expressions bit for bit.
+// a python float multiplied into a float32 tensor. Build with -ffp-contract=off (nvcc:
+// --fmad=false) so the compiler does not fuse a product and a sum into one FMA (one rounding
+// less). Under those flags the CPU functions reproduce the torch expressions bit for bit.
 //
 // The per-element functions are __host__ __device__ under nvcc; the CUDA kernels that use them
 // are in kernels/src/steps_cuda.cu (declared in steps.cuh).
