@@ -72,3 +72,18 @@ def test_bad_schedule_text(text, msg):
 def test_unreadable_schedule(tmp_path):
     with pytest.raises(ScheduleError, match="cannot read"):
         Table.read(tmp_path / "missing.txt")
+
+
+def test_lsgm_table_reproduces_em_sampler(one_thread):
+    from fastsample.export.schedule import lsgm_table
+    from fastsample.samplers import lsgm as sl
+    m, _ = load_model("checkpoints/digits/lsgm.safetensors")
+    tab = lsgm_table(m, 6)
+    assert Table.parse(tab.to_text()).rows == tab.rows
+    assert tab.header["latent_shape"] == tuple(m.latent_shape) and tab.header["nfe"] == (6,)
+    assert noise_draws(tab) == [1] * 5 + [0]
+    want, nfe = sl.sample(m, "em", 6, N, SEED, "cpu")
+    z_T = torch.randn((N, *m.latent_shape), generator=torch.Generator().manual_seed(SEED))
+    z0 = run_table(tab, m.eps, z_T, _twin_noise(tab, z_T, z_T.numel()))
+    got = postprocess(tab, m.decode(z0))
+    assert nfe == 6 and torch.equal(got, want)

@@ -5,12 +5,14 @@ besides the network is written here once, in float64, one row per loop step. The
 line-oriented and whitespace-separated; `#` starts a comment line:
 
     fastsample-schedule 1
-    family ddgan                     ddgan | cld
-    sampler posterior                ddgan: posterior; cld: sscs | em
+    family ddgan                     ddgan | cld | lsgm
+    sampler posterior                ddgan: posterior; cld: sscs | em; lsgm: em
     nfe 4                            network calls per sample (counted from the rows)
     data_shape 1 8 8
     z_dim 32                         ddgan only: the generator's latent width
     prior_v_scale 2                  cld only: v_T ~ N(0, M I) is sqrt(M) * N(0, I)
+    latent_shape 4 4 4               lsgm only: the loop's state (data_shape is the decoder's output)
+    decode mode                      lsgm only: the decoder's level rule (mode | mean)
     postprocess quantize17           quantize17: data = clamp(floor(17 (x + 1) / 2), 0, 16) / 16
                                      clamp01: data = clamp((x + 1) / 2, 0, 1); none: data = x
     columns <name> ...
@@ -24,7 +26,10 @@ x ~ N(0, I), v = prior_v_scale * N(0, I), the affine2 step of fastsample/kernels
     v_s = k_v v + k_alpha alpha
     x' = T_xx x + T_xv v_s + D_xv v + K11 n0
     v' = T_vx x + T_vv v_s + K21 n0 + K22 n1
-A row draws noise iff any of K11, K21, K22 (sigma for DDGAN) is non-zero.
+LSGM (columns t c_x c_e sigma; samplers/lsgm.py sample_em), from z = z_T ~ N(0, I) of
+latent_shape, then x = decoder(z) (the `--what decoder` artifact) and data = postprocess(x):
+    eps = prior(z, t);  z <- c_x z + c_e eps + sigma n          (sigma = 0 on the last row)
+A row draws noise iff any of K11, K21, K22 (sigma for DDGAN and LSGM) is non-zero.
 
 `run_table` is the Python twin of the C++ loop: fed the same noise it reproduces the family's
 sampler (tests/test_schedule_table.py), which is the oracle the C++ runtime is tested against.
@@ -42,7 +47,8 @@ FORMAT_VERSION = 1
 DDGAN_COLUMNS = ("i", "c0", "c1", "sigma")
 CLD_COLUMNS = ("net", "t", "k_v", "k_alpha", "T_xx", "T_xv", "T_vx", "T_vv", "K11", "K21", "K22",
                "D_xv")
-_INT_KEYS = {"fastsample-schedule", "nfe", "data_shape", "z_dim"}
+LSGM_COLUMNS = ("t", "c_x", "c_e", "sigma")
+_INT_KEYS = {"fastsample-schedule", "nfe", "data_shape", "z_dim", "latent_shape"}
 
 
 class ScheduleError(ValueError):
@@ -191,12 +197,36 @@ def cld_table(model, sampler: str, steps: int, kind: str = "quadratic",
     return Table(header, CLD_COLUMNS, [tuple(float(v) for v in r) for r in rows])
 
 
+def lsgm_table(model, steps: int, t_end: float = 0.0) -> Table:
+    """The `steps` Euler-Maruyama steps of samplers/lsgm.sample_em on its log-SNR grid (the
+    adaptive ODE sampler has no fixed table). Rows hold the step's network time and its
+    z <- c_x z + c_e eps + sigma n coefficients, computed in float64 exactly as sample_em does."""
+    from fastsample.samplers import check_steps
+    from fastsample.samplers.lsgm import em_grid
+    check_steps(steps)
+    sde, vae = model.sde, model.vae_cfg
+    t = em_grid(steps, sde, t_end)
+    h, t0 = t[:-1] - t[1:], t[:-1]
+    beta, sigma = sde.beta(t0), sde.std(t0)
+    c_x = (1 + 0.5 * h * beta).tolist()
+    c_e = (-h * beta / sigma).tolist()
+    noise = torch.sqrt(h * beta)
+    noise[-1] = 0.0
+    rows = [(float(a), float(b), float(c), float(d))
+            for a, b, c, d in zip(t0.tolist(), c_x, c_e, noise.tolist())]
+    header = {"family": ("lsgm",), "sampler": ("em",), "nfe": (steps,),
+              "data_shape": (vae.in_ch, vae.resolution, vae.resolution),
+              "latent_shape": tuple(model.latent_shape), "decode": (model.cfg.decode,),
+              "postprocess": ("quantize17",)}
+    return Table(header, LSGM_COLUMNS, rows)
+
+
 #-----------------------------------------------------------------------------------------------
 # The Python twin of the C++ loop.
 
 def noise_draws(table: Table) -> list[int]:
     """For each row, how many standard-normal tensors of the state's shape it consumes."""
-    if table.family == "ddgan":
+    if table.family in ("ddgan", "lsgm"):
         return [1 if r[3] != 0.0 else 0 for r in table.rows]
     return [2 if any(r[8:11]) else 0 for r in table.rows]
 
@@ -213,9 +243,10 @@ def postprocess(table: Table, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def run_table(table: Table, net, x: torch.Tensor, noise: list, *, v: torch.Tensor | None = None,
               z: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the loop in float32 with explicit noise; returns the model-space state x.
+    """Run the loop in float32 with explicit noise; returns the model-space state x (LSGM: the
+    latent z_0, which the decoder maps to model space).
 
-    net: DDGAN G(x, z, i) or the CLD alpha(x, v, t) with (N,) float time. noise: a list with one
+    net: DDGAN G(x, z, i), the CLD alpha(x, v, t) or the LSGM eps(z, t), with (N,) float time. noise: a list with one
     entry per row, each a list of noise_draws(table)[row] tensors shaped like x. z: (nfe, N, z_dim).
     """
     need = noise_draws(table)
@@ -227,6 +258,13 @@ def run_table(table: Table, net, x: torch.Tensor, noise: list, *, v: torch.Tenso
         for k, (i, c0, c1, sigma) in enumerate(table.rows):
             x0 = net(x, z[k], torch.full((N,), i)).float()
             x = c0 * x0 + c1 * x + (sigma * noise[k][0] if sigma else 0.0)
+        return x
+    if table.family == "lsgm":
+        for k, (t, c_x, c_e, sigma) in enumerate(table.rows):
+            eps = net(x, torch.full((N,), t)).float()
+            x = c_x * x + c_e * eps
+            if sigma:
+                x = x + sigma * noise[k][0]
         return x
     v = v.clone().float()
     for k, r in enumerate(table.rows):
