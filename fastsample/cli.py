@@ -1,16 +1,13 @@
 """`fastsample train | sample | eval | export | demo` (also `python -m fastsample`).
 
-Every subcommand parses its own options; the ones whose issue has not landed yet say so and exit 2.
+Every subcommand parses its own options; `export` shares its parser with
+`python -m fastsample.export` (fastsample/export/command.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-PENDING = {
-    "export": "`python -m fastsample.export` (issue #6)",
-}
 
 HELP = {
     "train": "train a model (ddgan | cld | lsgm | ddpm) on digits or a 2D toy",
@@ -39,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
             _sample_args(sp)
         elif name == "eval":
             _eval_args(sp)
+        elif name == "export":
+            from fastsample.export.command import add_arguments
+            add_arguments(sp)
         elif name == "demo":
             sp.add_argument("--num", type=int, default=500, help="samples per family")
             sp.add_argument("--out", default="demo-out", help="where the PNG grids go")
@@ -337,10 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command in ("train", "sample", "eval", "demo"):
         return _run({"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
                      "demo": cmd_demo}[ns.command], ns)
-    if ns.command in PENDING:
-        print(f"fastsample {ns.command}: not available yet: {PENDING[ns.command]} has not landed.",
-              file=sys.stderr)
-        return 2
+    if ns.command == "export":
+        from fastsample.export.command import run_cli
+        return run_cli(ns)
     return 0
 
 

@@ -19,9 +19,10 @@ def test_help_lists_every_subcommand():
         assert cmd in out
 
 
-def test_pending_commands_say_so(capsys):
-    assert main(["export", "x"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+def test_export_is_wired_to_its_parser(capsys):
+    assert main(["export", "/no/such.safetensors", "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastsample export: error:") and "such.safetensors" in err
 
 
 def test_eval_of_the_test_split_reads_the_calibrated_floor(tmp_path, capsys):
