@@ -154,7 +154,7 @@ def to_data(kind: str, x: torch.Tensor) -> torch.Tensor:
         return (torch.floor((x + 1) / 2 * 17).clamp(0, 16) / 16).to(x.dtype)
     if kind == "clamp01":
         return ((x + 1) / 2).clamp(0, 1)
-    return x
+    return x.clone()        # a graph output of its own (2D points: samples = x0)
 
 
 #-----------------------------------------------------------------------------------------------

@@ -89,6 +89,12 @@ def export_onnx(spec: Spec, path: Path, *, opset: int, dtype: str, lo: int, hi: 
         prog.optimize()
         prog.save(str(path), external_data=False)
         onnx.checker.check_model(str(path), full_check=True)
+        g = onnx.load(str(path), load_external_data=False).graph
+        names = ([i.name for i in g.input], [o.name for o in g.output])
+        want = ([t.name for t in spec.inputs], [t.name for t in spec.outputs])
+        if names != want:
+            raise ExportError(f"the ONNX graph has inputs/outputs {names}, the contract says "
+                              f"{want}")
     progress("optimise", f"onnxscript optimizer + onnx.checker: {tm.s:.1f} s, "
                          f"{path.stat().st_size / 1e6:.1f} MB")
 
