@@ -177,7 +177,8 @@ def _parity_line(parity: dict, seconds: float) -> None:
     flips = sum(o["level_flips"] for o in parity["outputs"].values())
     progress("parity", f"{parity['runtime']} vs eager, batches {parity['batches']}: max_abs "
                        f"{parity['max_abs']:.3g}, max_rel {parity['max_rel']:.3g}"
-                       + (f", {flips} level flips" if flips else "") + f" (passed): {seconds:.1f} s")
+                       + (f", {flips} level flips" if flips else "")
+                       + f" (passed): {seconds:.1f} s")
 
 
 def _triton_extras(tmp, spec, onnx_path, ns, lo, hi, batches, versions) -> dict:

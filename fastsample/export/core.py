@@ -424,10 +424,12 @@ def sha256(path) -> str:
 
 
 def write_manifest(tmp: Path, spec: Spec, *, fmt: str, dtype: str, device: str, lo: int, hi: int,
-                   parity: dict, checkpoint, card, versions: dict, extra: dict | None = None) -> dict:
+                   parity: dict, checkpoint, card, versions: dict,
+                   extra: dict | None = None) -> dict:
     """schedule.txt + manifest.json (sha256 of every other file in the directory tree)."""
     spec.table.write(tmp / "schedule.txt")
-    tname = str(DTYPES[dtype]).replace("torch.", "")
+    # A TensorRT engine keeps the ONNX graph's float32 I/O; --dtype sets its inner precision.
+    tname = "float32" if fmt == "tensorrt" else str(DTYPES[dtype]).replace("torch.", "")
     files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*"))
              if p.is_file() and p.name != "manifest.json"}
     from fastsample import __version__

@@ -11,7 +11,7 @@ line-oriented and whitespace-separated; `#` starts a comment line:
     data_shape 1 8 8
     z_dim 32                         ddgan only: the generator's latent width
     prior_v_scale 2                  cld only: v_T ~ N(0, M I) is sqrt(M) * N(0, I)
-    latent_shape 4 4 4               lsgm only: the loop's state (data_shape is the decoder's output)
+    latent_shape 4 4 4               lsgm only: the loop's state (data_shape: the decoder's output)
     decode mode                      lsgm only: the decoder's level rule (mode | mean)
     postprocess quantize17           quantize17: data = clamp(floor(17 (x + 1) / 2), 0, 16) / 16
                                      clamp01: data = clamp((x + 1) / 2, 0, 1); none: data = x
@@ -246,8 +246,9 @@ def run_table(table: Table, net, x: torch.Tensor, noise: list, *, v: torch.Tenso
     """Run the loop in float32 with explicit noise; returns the model-space state x (LSGM: the
     latent z_0, which the decoder maps to model space).
 
-    net: DDGAN G(x, z, i), the CLD alpha(x, v, t) or the LSGM eps(z, t), with (N,) float time. noise: a list with one
-    entry per row, each a list of noise_draws(table)[row] tensors shaped like x. z: (nfe, N, z_dim).
+    net: DDGAN G(x, z, i), the CLD alpha(x, v, t) or the LSGM eps(z, t), with (N,) float time.
+    noise: a list with one entry per row, each a list of noise_draws(table)[row] tensors shaped
+    like x. z: (nfe, N, z_dim).
     """
     need = noise_draws(table)
     if len(noise) != len(table.rows) or any(len(n) != k for n, k in zip(noise, need)):
