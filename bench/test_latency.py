@@ -9,6 +9,8 @@ onnxruntime-gpu and TensorRT (skipped elsewhere). Artifacts are exported once pe
 export time is not timed. Run:
 
     pytest --benchmark bench/test_latency.py --benchmark-json=OUT.json
+
+(FASTSAMPLE_BENCH_THREADS=N sets the intra-op threads of torch and ONNX Runtime.)
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ BACKENDS = ("eager", "compile", "ort", "aoti", "ort-gpu", "tensorrt")
 CUDA = torch.cuda.is_available()
 THROUGHPUT_BATCHES = (64, 256)
 LATENCY_CALLS = 200 if CUDA else 60
-THREADS = int(os.environ.get("FASTSAMPLE_BENCH_THREADS", "0")) or torch.get_num_threads()
+# CPU: one intra-op thread by default. The project's 2-core machine is shared, and OpenMP
+# barriers with 2 threads on a core another process holds cost milliseconds per op (measured:
+# the AOTI cld score took 1.36 s per batch-1 call at 2 threads under load, 1.1 ms at 1).
+THREADS = int(os.environ.get("FASTSAMPLE_BENCH_THREADS", "0")) or (
+    torch.get_num_threads() if CUDA else 1)
 
 
 def _sync():

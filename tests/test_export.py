@@ -252,6 +252,7 @@ def test_manifest_is_complete_and_true(artifacts, name):
         assert t["dtype"] == "float32" and "batch" in t["shape"]
     p = man["parity"]
     assert p["passed"] and p["batches"] == [1, 5, MAXB] and p["tolerance"]["atol"] == 1e-4
+    assert p["tolerance"]["network_calls"] == 1
     assert set(p["outputs"]) == {t["name"] for t in man["outputs"]}
     if name == "cld-score":
         assert man["sampler"] == "em" and man["steps"] == 12 and tab.header["nfe"] == (12,)
