@@ -355,3 +355,36 @@ def test_cli_export_shares_the_parser(capsys):
     out = capsys.readouterr().out
     for flag in ("--format", "--what", "--dtype", "--opset", "--max-batch", "--device"):
         assert flag in out
+
+
+def test_cpp_runtime_runs_the_exported_package(artifacts, tmp_path):
+    """The C++ runtime (kernels/, `make ctest` builds it) loads the exported model.pt2 +
+    schedule.txt and, fed the sampler's own draws, reproduces `fastsample sample`. Skipped
+    until the binary is built (FASTSAMPLE_RUN=PATH, or build/cmake/kernels/fastsample-run)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from fastsample.samplers import ddgan as sd
+    exe = Path(os.environ.get("FASTSAMPLE_RUN", "build/cmake/kernels/fastsample-run"))
+    if not exe.is_file():
+        pytest.skip(f"the C++ runtime is not built ({exe})")
+    d = artifacts("aoti")
+    model, _ = load_model(f"{GRID}/ddgan.safetensors")
+    tab = Table.read(d / "schedule.txt")
+    N, SEED = 6, 2
+    x_T = torch.randn((N, *model.data_shape), generator=torch.Generator().manual_seed(SEED))
+    z = sd.draw_latents(model.T, N, model.z_dim, SEED, "cpu")
+    st = seed_tensor(SEED, "cpu")
+    noise = torch.stack([_twin_normals(st, k * x_T.numel(), 1, x_T)[0]
+                         for k, draws in enumerate(noise_draws(tab)) if draws])
+    nd = tmp_path / "noise"
+    nd.mkdir()
+    for name, t in (("x_T", x_T), ("z", z), ("noise", noise)):
+        np.save(nd / f"{name}.npy", np.ascontiguousarray(t.numpy(), dtype="<f4"))
+    r = subprocess.run([str(exe), str(d), "--num", str(N), "--noise", str(nd), "--out",
+                        str(tmp_path / "s.npy"), "--threads", "1"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    want, _ = sd.sample(model, "posterior", model.T, N, SEED)
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), want.numpy(), atol=1e-5, rtol=1e-5)
