@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", default="demo-out", help="where the PNG grids go")
             sp.add_argument("--device", default="cpu")
             sp.add_argument("--seed", type=int, default=0)
+            sp.add_argument("--no-latency", action="store_true",
+                            help="skip the DDGAN latency table (eager vs Engine vs ONNX Runtime; "
+                            "the first run exports the sampler to ONNX, about a minute)")
         else:
             sp.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
@@ -284,7 +287,80 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     print(f"grids in {out}/ ({ns.num} samples per family on {ns.device}; FD floor of the "
           f"test split: 14.98 at n=360)")
+    if not ns.no_latency:
+        _demo_latency(ns, out)
     return 0
+
+
+def _p50_ms(fn, repeat: int = 30) -> tuple[float, float]:
+    """(p50, p90) wall milliseconds of fn() after 3 warm-up calls (synchronised on CUDA)."""
+    import time
+
+    import torch
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - t0))
+    times.sort()
+    return times[len(times) // 2], times[int(0.9 * (len(times) - 1))]
+
+
+def _demo_latency(ns, out) -> None:
+    """DDGAN-4 at batch 1 three ways: the eager sampler, the Engine, and the whole sampler
+    exported as one ONNX graph run by ONNX Runtime (exported once into OUT/, reused while the
+    checkpoint is unchanged)."""
+    import json
+
+    import torch
+
+    from fastsample.export.core import sha256
+    from fastsample.models import load_model
+    from fastsample.runtime import Engine
+    from fastsample.samplers import ddgan as sd
+
+    ckpt = released_checkpoint("ddgan")
+    if not ckpt.exists():
+        print(f"latency: skipped (no released checkpoint {ckpt})")
+        return
+    art = out / "ddgan-sampler-onnx"
+    try:
+        fresh = json.loads((art / "manifest.json").read_text())["checkpoint"]["sha256"] \
+            == sha256(ckpt)
+    except (OSError, ValueError, KeyError, TypeError):
+        fresh = False
+    if not fresh:
+        from fastsample.export.command import main as export_main
+        print(f"exporting the DDGAN sampler to ONNX ({art}/, about a minute on 2 CPU cores) ...",
+              file=sys.stderr)
+        rc = export_main([str(ckpt), "--format", "onnx", "--what", "sampler", "--out", str(art),
+                          "--max-batch", "64", "--device", ns.device])
+        if rc != 0:
+            raise RuntimeError(f"exporting the DDGAN sampler failed (exit {rc})")
+    from fastsample.export.onnx import ort_session
+    model, _ = load_model(ckpt, device=ns.device)
+    sess = ort_session(art / "model.onnx", "cpu")
+    T, zd, shape = model.T, model.z_dim, model.data_shape
+    g = torch.Generator().manual_seed(ns.seed)
+    feed = {"x_T": torch.randn((1, *shape), generator=g).numpy(),
+            "z": torch.randn((T, 1, zd), generator=g).numpy(),
+            "noise": torch.randn((T, 1, *shape), generator=g).numpy()}
+    engine = Engine(model, "posterior", batch=1, device=ns.device)
+    seeds = iter(range(10**9))
+    rows = [("eager (fastsample sample)",
+             _p50_ms(lambda: sd.sample(model, "posterior", T, 1, next(seeds), ns.device))),
+            ("Engine (" + ("one CUDA graph" if engine.graph is not None else "static buffers, "
+                           "no graph on CPU") + ")",
+             _p50_ms(lambda: engine.sample(next(seeds), out=engine.out))),
+            ("ONNX Runtime, whole 4-step sampler graph (CPU)", _p50_ms(lambda: sess.run(None, feed)))]
+    print(f"\nDDGAN-{T} latency at batch 1 on {ns.device} (p50 / p90 of 30 requests):")
+    base = rows[0][1][0]
+    for name, (p50, p90) in rows:
+        print(f"  {name:<48} {p50:7.2f} / {p90:7.2f} ms   {base / p50:5.2f}x eager")
 
 
 def cmd_train(ns: argparse.Namespace) -> int:

@@ -142,3 +142,12 @@ def test_sample_engine_refuses_ddpm(tmp_path, capsys):
     assert main(["sample", "checkpoints/digits/ddpm.safetensors", "--sampler", "ddim", "--num",
                  "4", "--engine", "--out", str(out)]) == 2
     assert "family 'ddpm'" in capsys.readouterr().err and not out.exists()
+
+
+def test_demo_table(tmp_path, capsys):
+    assert main(["demo", "--num", "40", "--out", str(tmp_path), "--no-latency"]) == 0
+    out = capsys.readouterr().out
+    for fam in ("ddgan", "cld", "lsgm", "ddpm"):
+        assert f"\n{fam} " in out
+        assert (tmp_path / f"{fam}-{dict(ddgan='posterior', cld='sscs', lsgm='ode', ddpm='ddim')[fam]}.png").exists()
+    assert "latency" not in out
