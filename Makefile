@@ -4,7 +4,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test ctest bench venv clean checkpoints
+.PHONY: demo test cpp ctest bench venv clean checkpoints
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,18 +19,22 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fastsample demo
 
-test: $(STAMP)
+# The C++ runtime is built first so pytest's export test can run the exported artifact through
+# fastsample-run; ctest runs after pytest.
+test: cpp
 	# pytest exits 5 when it collects no test; that is not a failure of the code.
 	$(VPY) -m pytest -q; rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi
-	$(MAKE) --no-print-directory ctest
+	cd $(BUILD) && ctest --output-on-failure
 
 # The C++ runtime (kernels/, CMakeLists.txt) against the wheel's libtorch, then its ctest tests.
 BUILD       ?= build/cmake
 BUILD_JOBS  ?= 2
-ctest: $(STAMP)
+cpp: $(STAMP)
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DFASTSAMPLE_PYTHON=$(abspath $(VPY)) \
 	    -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build $(BUILD) -j $(BUILD_JOBS)
+
+ctest: cpp
 	cd $(BUILD) && ctest --output-on-failure
 
 bench: $(STAMP)
