@@ -4,8 +4,9 @@
 
 Writes, for each case (ddgan, cld-sscs, cld-em):
 
-    OUT_DIR/<case>/model.pt2        AOTInductor package (export_model_pt2; one compile per family,
-                                    the cld-em directory reuses cld-sscs's file)
+    OUT_DIR/<case>/model.pt2        AOTInductor package from `python -m fastsample.export --format
+                                    aoti` (export_model_pt2; one compile per family, the cld-em
+                                    directory reuses cld-sscs's file)
     OUT_DIR/<case>/schedule.txt     fastsample.export.schedule table
     OUT_DIR/<case>/manifest.json    a minimal manifest (the C++ side only checks that it exists)
     OUT_DIR/<case>/noise/           x_T.npy, v_T.npy (cld), z.npy (ddgan), noise.npy: the draws the
@@ -16,7 +17,7 @@ Writes, for each case (ddgan, cld-sscs, cld-em):
 
 Before writing, it checks that run_table reproduces the family's real sampler (the CPU twins'
 noise, as tests/test_schedule_table.py does), so the expected outputs are the sampler's outputs.
-A stamp file keyed by the inputs (checkpoints, this script, schedule.py, torch version, options)
+A stamp file keyed by the inputs (checkpoints, this script, fastsample/export, torch, options)
 makes a second run a no-op: AOTInductor compiles take about a minute each on 2 CPU cores.
 """
 
@@ -45,43 +46,24 @@ ROOT = Path(__file__).resolve().parents[2]
 DDGAN_CKPT = ROOT / "checkpoints/digits/ddgan.safetensors"
 CLD_CKPT = ROOT / "checkpoints/digits/cld.safetensors"
 SEED = 3
-MAX_BATCH = 4096            # the artifacts' dynamic batch range is [1, MAX_BATCH]
+MAX_BATCH = 256             # the artifacts' dynamic batch range is [1, MAX_BATCH]
 BATCH_SPLIT = 3             # expected/*_b3.npy: the Python loop in batches of 3
 
 
 #-----------------------------------------------------------------------------------------------
-# The one export call (to be swapped for `python -m fastsample.export --format aoti` later).
+# The one export call: the product's own exporter, so ctest runs what users deploy.
 
-class _Generator(torch.nn.Module):
-    """DDGAN convention: (x_t (N, ...), z (N, z_dim), t (N,) float step index) -> x0."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x_t, z, t):
-        return self.model.denoise(x_t, z, t)
-
-
-class _Score(torch.nn.Module):
-    """CLD convention: (x (N, ...), v (N, ...), t (N,) forward time) -> alpha."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, v, t):
-        return self.model.alpha(x, v, t)
-
-
-def export_model_pt2(model, what: str, inputs: tuple, out: Path) -> None:
-    """AOTInductor package of the generator / score net at `out`, batch axis 0 dynamic."""
-    net = (_Generator if what == "generator" else _Score)(model).eval()
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    shapes = tuple({0: batch} for _ in inputs)
-    with torch.no_grad():
-        ep = torch.export.export(net, inputs, dynamic_shapes=shapes)
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(out))
+def export_model_pt2(ckpt: Path, what: str, out: Path) -> None:
+    """`python -m fastsample.export CKPT --format aoti --what WHAT` (its parity gate included);
+    the fixture keeps only model.pt2 and writes its own schedule.txt per case."""
+    from fastsample.export.command import main as export_main
+    art = out.parent / f".export-{what}"
+    rc = export_main([str(ckpt), "--format", "aoti", "--what", what, "--out", str(art),
+                      "--max-batch", str(MAX_BATCH)])
+    if rc != 0:
+        sys.exit(f"make_fixture: python -m fastsample.export failed (exit {rc})")
+    shutil.move(str(art / "model.pt2"), str(out))
+    shutil.rmtree(art)
 
 
 #-----------------------------------------------------------------------------------------------
@@ -155,7 +137,7 @@ def make_ddgan(out: Path, num: int) -> None:
         sys.exit("make_fixture: run_table does not reproduce the ddgan sampler")
     case = out / "ddgan"
     case.mkdir(parents=True, exist_ok=True)
-    export_model_pt2(m, "generator", (x_T, z[0], torch.full((num,), 1.0)), case / "model.pt2")
+    export_model_pt2(DDGAN_CKPT, "generator", case / "model.pt2")
     aoti = torch._inductor.aoti_load_package(str(case / "model.pt2"))
     _write_case(case, tab, case / "model.pt2",
                 {"x_T": x_T, "z": z, "noise": _flat_noise(noise, x_T)},
@@ -171,7 +153,7 @@ def make_cld(out: Path, num: int, steps: int) -> None:
     v_T = v_raw * math.sqrt(m.cld.M)
     model_pt2 = out / "cld-sscs" / "model.pt2"
     model_pt2.parent.mkdir(parents=True, exist_ok=True)
-    export_model_pt2(m, "score", (x_T, v_T, torch.full((num,), 0.5)), model_pt2)
+    export_model_pt2(CLD_CKPT, "score", model_pt2)
     aoti = torch._inductor.aoti_load_package(str(model_pt2))
     for name in ("sscs", "em"):
         tab = cld_table(m, name, steps)
@@ -189,7 +171,8 @@ def make_cld(out: Path, num: int, steps: int) -> None:
 
 def _stamp(args) -> str:
     h = hashlib.sha256()
-    for p in (DDGAN_CKPT, CLD_CKPT, Path(__file__), ROOT / "fastsample/export/schedule.py"):
+    for p in (DDGAN_CKPT, CLD_CKPT, Path(__file__),
+              *sorted((ROOT / "fastsample/export").glob("*.py"))):
         h.update(p.read_bytes())
     h.update(f"{torch.__version__} {args.num} {args.cld_steps} {SEED} {MAX_BATCH} {BATCH_SPLIT}"
              .encode())
