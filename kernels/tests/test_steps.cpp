@@ -1,6 +1,7 @@
 // Unit tests without a model: the step functions against closed forms (float and double),
 // the schedule reader's errors, the .npy round trip. Plain asserts: exit 0 = pass.
 
+#include "test_values.h"
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -24,16 +25,7 @@ int failures = 0;
     }                                                                    \
   } while (0)
 
-// Deterministic values in [-2, 2] (irregular, no library RNG needed).
-std::vector<float> values(int n, unsigned salt) {
-  std::vector<float> out(n);
-  unsigned s = 12345u + salt * 7919u;
-  for (auto& v : out) {
-    s = s * 1664525u + 1013904223u;
-    v = static_cast<float>((s >> 8) % 40001) / 10000.0f - 2.0f;
-  }
-  return out;
-}
+using fastsample_test::values;
 
 void test_affine1() {
   const int n = 37;

@@ -1,6 +1,7 @@
 // The CUDA step kernels vs the CPU step functions (bit-exact under --fmad=false). Needs a GPU:
 // exits 77 (ctest: skipped) when cudaGetDeviceCount finds none.
 
+#include "test_values.h"
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -11,13 +12,7 @@
 namespace {
 
 std::vector<float> values(int n, unsigned salt) {
-  std::vector<float> out(n);
-  unsigned s = 777u + salt * 104729u;
-  for (auto& v : out) {
-    s = s * 1664525u + 1013904223u;
-    v = static_cast<float>((s >> 8) % 40001) / 10000.0f - 2.0f;
-  }
-  return out;
+  return fastsample_test::values(n, salt, 777u);
 }
 
 float* to_device(const std::vector<float>& h) {
