@@ -388,6 +388,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     tcfg = TrainConfig(
         steps=ns.steps or cfg.train_steps, batch_size=ns.batch_size or cfg.batch_size,
         ema_decay=cfg.ema_decay if ns.ema is None else ns.ema, amp=ns.amp, seed=ns.seed,
+        grad_clip=getattr(cfg, "grad_clip", TrainConfig.grad_clip),
         device=ns.device, ckpt_every=ns.ckpt_every, log_every=ns.log_every,
         eval_every=ns.eval_every, progress=not ns.no_progress, max_minutes=ns.max_minutes)
     if ns.dry_run:
