@@ -58,6 +58,22 @@ def test_config_defaults_and_validation(toy, digits):
         ddgan.Config(beta1=1.0)
     with pytest.raises(ValueError, match="does not fit points data; use 'mlp'"):
         ddgan.Family(toy, ddgan.Config(arch="unet"))
+    with pytest.raises(ValueError, match=r"Config.grad_clip = -1.0; must be >= 0"):
+        ddgan.Config(grad_clip=-1.0)
+
+
+def test_cli_takes_grad_clip_from_the_family_config(capsys):
+    """The digits GAN trains unclipped (the loop's clip at 1 held D back); --set overrides it and
+    the 2D toy keeps the loop's clip."""
+    from fastsample.cli import main
+
+    def train_cfg(*args):
+        assert main(["train", "--model", "ddgan", "--out", "unused", "--dry-run", *args]) == 0
+        return json.loads(capsys.readouterr().out)["train"]
+
+    assert train_cfg("--data", "digits")["grad_clip"] == 0.0
+    assert train_cfg("--data", "digits", "--set", "grad_clip=0.5")["grad_clip"] == 0.5
+    assert train_cfg("--data", "toy2d:grid25")["grad_clip"] == 1.0
 
 
 def test_digits_to_data_inverts_the_binning(digits):
