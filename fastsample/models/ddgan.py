@@ -39,6 +39,7 @@ class Config:
     base_ch: int = 32               # U-Net generator channels at the first level
     disc_base_ch: int = 32          # image discriminator channels at the first level
     disc_ch_mult: tuple = (1, 2, 2) # image discriminator channel multipliers (8 -> 4 -> 2)
+    disc_mbstd: int = 0             # image D: minibatch-std group size (0 = off)
     hidden: int = 128               # MLP width (G and D, 2D only)
     num_layers: int = 4             # MLP hidden layers (G and D, 2D only)
     lr_g: float = 1.6e-4            # generator Adam lr (sec. 3)
@@ -74,6 +75,9 @@ class Config:
                 raise ValueError(f"ddgan Config.{name} = {getattr(self, name)!r}; must be in [0, 1)")
         if not 0 < self.lr_min_frac <= 1:
             raise ValueError(f"ddgan Config.lr_min_frac = {self.lr_min_frac!r}; must be in (0, 1]")
+        if isinstance(self.disc_mbstd, bool) or not isinstance(self.disc_mbstd, int) \
+                or self.disc_mbstd < 0:
+            raise ValueError(f"ddgan Config.disc_mbstd = {self.disc_mbstd!r}; must be an int >= 0")
         if not self.grad_clip >= 0:
             raise ValueError(f"ddgan Config.grad_clip = {self.grad_clip!r}; must be >= 0 (0 = off)")
         if not self.r1_gamma >= 0:
@@ -90,8 +94,8 @@ def default_config(data) -> Config:
     and G collapses to a line); 4000 steps ~ 1.5 min at ~45 it/s, all 25 grid25 modes by
     step 2000."""
     if data.kind == "image":
-        return Config(arch="unet", z_dim=32, lr_g=2e-4, lr_d=8e-4, grad_clip=0.0,
-                      train_steps=8000, batch_size=64, ema_decay=0.999)
+        return Config(arch="unet", z_dim=32, lr_g=1.6e-4, lr_d=1.25e-4, grad_clip=0.0,
+                      disc_mbstd=4, train_steps=6000, batch_size=64, ema_decay=0.999)
     return Config(arch="mlp", z_dim=8, lr_g=5e-4, lr_d=1e-3, r1_gamma=0.05, lazy_reg=1,
                   train_steps=4000, batch_size=256, ema_decay=0.995)
 
@@ -137,7 +141,8 @@ def build_discriminator(cfg: Config, data_shape: tuple) -> nn.Module:
     if cfg.arch == "unet":
         C, H, _ = data_shape
         return Discriminator(DiscriminatorConfig(in_ch=C, resolution=H, base_ch=cfg.disc_base_ch,
-                                                 ch_mult=cfg.disc_ch_mult, time_scale=1.0))
+                                                 ch_mult=cfg.disc_ch_mult, time_scale=1.0,
+                                                 mbstd_group=cfg.disc_mbstd))
     (D,) = data_shape
     # A zero output layer would leave D blind at the start; a GAN wants a live critic from step 1.
     return MLPDiscriminator(MLPConfig(in_dim=2 * D, out_dim=1, hidden=cfg.hidden,

@@ -226,9 +226,13 @@ class DiscriminatorConfig:
     fourier_scale: float = 16.0             # only for fourier_log
     time_scale: float = 1.0                 # sinusoidal multiplier: 1 for a step index, 1000 for t in [0, 1]
     skip_rescale: bool = True               # divide residual sums by sqrt(2)
+    mbstd_group: int = 0                    # minibatch-std feature over groups of this many
+                                            # consecutive samples (StyleGAN); 0 = off
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        if self.mbstd_group < 0:
+            raise ValueError(f"DiscriminatorConfig.mbstd_group = {self.mbstd_group}; must be >= 0")
         for name in ("in_ch", "resolution", "base_ch", "num_groups"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"DiscriminatorConfig.{name} = {getattr(self, name)}; must be >= 1")
@@ -269,8 +273,22 @@ class Discriminator(nn.Module):
             ch = cfg.base_ch * mult
             if i < len(cfg.ch_mult) - 1:
                 self.blocks.append(Downsample(ch))
+        # Minibatch std: one extra channel, folded back to ch by a 3x3 conv.
+        self.mbstd_conv = nn.Conv2d(ch + 1, ch, 3, padding=1) if cfg.mbstd_group else None
         self.norm_out = AdaGroupNormSiLU(ch, cfg.num_groups, 0)
         self.head = nn.Linear(ch, 1)
+
+    def _mbstd(self, h: torch.Tensor) -> torch.Tensor:
+        """Append the std over groups of G consecutive samples, averaged over (C, H, W). Groups
+        are consecutive so that a [real; fake] batch with halves divisible by G never mixes the
+        two; a batch not divisible by G uses G = 1 (the feature is then 0)."""
+        N, C, H, W = h.shape
+        G = min(self.cfg.mbstd_group, N)
+        G = G if N % G == 0 else 1
+        y = h.reshape(N // G, G, C, H, W)
+        s = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (N/G,)
+        s = s.repeat_interleave(G)[:, None, None, None].expand(N, 1, H, W)
+        return self.mbstd_conv(torch.cat([h, s], dim=1))
 
     def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -281,5 +299,7 @@ class Discriminator(nn.Module):
         check_input("t", t, (N,))
         emb = torch.nn.functional.silu(self.time_emb(t))
         h = self.blocks(self.conv_in(torch.cat([x_prev, x_t], dim=1)), emb)
+        if self.mbstd_conv is not None:
+            h = self._mbstd(h)
         h = self.norm_out(h).sum(dim=(2, 3))  # (N, ch)
         return self.head(h)[:, 0]
