@@ -229,6 +229,25 @@ def test_discriminator_shapes_and_uses_both_inputs_and_t(res, in_ch, ch_mult):
         net(torch.randn(2, in_ch + 1, res, res), b, t)
 
 
+def test_discriminator_minibatch_std_groups_consecutive_samples():
+    """mbstd_group=4: a sample's logit depends on the 3 others of its consecutive group of 4 and
+    on no one else, so the [real; fake] batch of the DDGAN step never mixes its two halves; a
+    batch not divisible by the group falls back to groups of 1 (per-sample logits)."""
+    net = perturb(Discriminator(DiscriminatorConfig(base_ch=16, num_groups=4, mbstd_group=4)))
+    a, b, t = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8), torch.full((8,), 2.0)
+    with torch.no_grad():
+        base = net(a, b, t)
+        a2 = a.clone()
+        a2[5] += 1.0
+        changed = (net(a2, b, t) - base).abs() > 1e-6
+        assert changed.tolist() == [False] * 4 + [True] * 4
+        odd = net(a[:6], b[:6], t[:6])
+        assert odd.shape == (6,)
+        assert torch.allclose(odd[:1], net(a[:1], b[:1], t[:1]), atol=1e-6)
+    with pytest.raises(ValueError, match="mbstd_group"):
+        DiscriminatorConfig(mbstd_group=-1)
+
+
 # ---- MLP --------------------------------------------------------------------------------------
 
 ROLES = {  # one config per use of TimeMLP in the families
