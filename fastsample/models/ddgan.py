@@ -95,7 +95,7 @@ def default_config(data) -> Config:
     step 2000."""
     if data.kind == "image":
         return Config(arch="unet", z_dim=32, lr_g=1.6e-4, lr_d=1.25e-4, grad_clip=0.0,
-                      disc_mbstd=4, train_steps=6000, batch_size=64, ema_decay=0.999)
+                      disc_mbstd=4, train_steps=8000, batch_size=64, ema_decay=0.999)
     return Config(arch="mlp", z_dim=8, lr_g=5e-4, lr_d=1e-3, r1_gamma=0.05, lazy_reg=1,
                   train_steps=4000, batch_size=256, ema_decay=0.995)
 
