@@ -356,7 +356,8 @@ def _demo_latency(ns, out) -> None:
             ("Engine (" + ("one CUDA graph" if engine.graph is not None else "static buffers, "
                            "no graph on CPU") + ")",
              _p50_ms(lambda: engine.sample(next(seeds), out=engine.out))),
-            ("ONNX Runtime, whole 4-step sampler graph (CPU)", _p50_ms(lambda: sess.run(None, feed)))]
+            ("ONNX Runtime, whole 4-step sampler graph (CPU)",
+             _p50_ms(lambda: sess.run(None, feed)))]
     print(f"\nDDGAN-{T} latency at batch 1 on {ns.device} (p50 / p90 of 30 requests):")
     base = rows[0][1][0]
     for name, (p50, p90) in rows:

@@ -48,8 +48,9 @@ def _cast_model(model, device, dtype):
     time features are computed in float32 whatever the dtype (log t and 1000 t lose too much
     in half precision), so those tables are copied over in float32 after the cast."""
     m = copy.deepcopy(model).to(device=device)
-    keep = {mod: {k: b.clone() for k, b in mod.named_buffers(recurse=False)}
-            for mod in m.modules() if isinstance(mod, (GaussianFourierFeatures, SinusoidalFeatures))}
+    feats = [mod for mod in m.modules()
+             if isinstance(mod, (GaussianFourierFeatures, SinusoidalFeatures))]
+    keep = {mod: {k: b.clone() for k, b in mod.named_buffers(recurse=False)} for mod in feats}
     m = m.to(dtype=dtype).eval()
     for mod, bufs in keep.items():
         for k, b in bufs.items():
