@@ -18,10 +18,8 @@ import torch
 
 from fastsample.export import core
 from fastsample.export.command import main
-from fastsample.export.schedule import Table, noise_draws
-from fastsample.kernels.affine import _twin_normals
+from fastsample.export.schedule import Table, twin_noise
 from fastsample.models import load_model
-from fastsample.samplers import seed_tensor
 
 MAXB = 8
 DIGITS, GRID = "checkpoints/digits", "checkpoints/grid25"
@@ -134,9 +132,8 @@ def test_ddgan_sampler_graph_reproduces_fastsample_sample(artifacts, tmp_path):
     # the CPU twin at counter k * numel (one batch of N).
     x_T = torch.randn((N, *model.data_shape), generator=torch.Generator().manual_seed(SEED))
     z = draw_latents(model.T, N, model.z_dim, SEED, "cpu")
-    st = seed_tensor(SEED, "cpu")
-    noise = torch.stack([_twin_normals(st, k * x_T.numel(), 1, x_T)[0] if draws
-                         else torch.zeros_like(x_T) for k, draws in enumerate(noise_draws(tab))])
+    noise = torch.stack([r[0] if r else torch.zeros_like(x_T)
+                         for r in twin_noise(tab, SEED, x_T)])
     sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
     x0, samples = sess.run(None, {"x_T": x_T.numpy(), "z": z.numpy(), "noise": noise.numpy()})
     np.testing.assert_allclose(samples, want, atol=1e-5, rtol=1e-5)
@@ -375,9 +372,7 @@ def test_cpp_runtime_runs_the_exported_package(artifacts, tmp_path):
     N, SEED = 6, 2
     x_T = torch.randn((N, *model.data_shape), generator=torch.Generator().manual_seed(SEED))
     z = sd.draw_latents(model.T, N, model.z_dim, SEED, "cpu")
-    st = seed_tensor(SEED, "cpu")
-    noise = torch.stack([_twin_normals(st, k * x_T.numel(), 1, x_T)[0]
-                         for k, draws in enumerate(noise_draws(tab)) if draws])
+    noise = torch.stack([r[0] for r in twin_noise(tab, SEED, x_T) if r])
     nd = tmp_path / "noise"
     nd.mkdir()
     for name, t in (("x_T", x_T), ("z", z), ("noise", noise)):

@@ -6,26 +6,12 @@ import pytest
 import torch
 
 from fastsample.export.schedule import (Table, ScheduleError, cld_table, ddgan_table, noise_draws,
-                                        postprocess, run_table)
-from fastsample.kernels.affine import _twin_normals
+                                        postprocess, run_table, twin_noise)
 from fastsample.models import load_model
 from fastsample.samplers import cld as sc
 from fastsample.samplers import ddgan as sd
-from fastsample.samplers import seed_tensor
 
 N, SEED = 5, 3
-
-
-def _twin_noise(table, like, stride):
-    """The CPU twins' noise, counter by counter, as the sampler drew it."""
-    st, out, k = seed_tensor(SEED, "cpu"), [], 0
-    for d in noise_draws(table):
-        if d:
-            out.append(list(_twin_normals(st, k * stride, d, like)))
-        else:
-            out.append([])
-        k += 1 if table.family == "ddgan" or d else 0
-    return out
 
 
 def test_ddgan_table_reproduces_sampler(one_thread):
@@ -36,7 +22,7 @@ def test_ddgan_table_reproduces_sampler(one_thread):
     want, _ = sd.sample(m, "posterior", m.T, N, SEED)
     x_T = torch.randn((N, *m.data_shape), generator=torch.Generator().manual_seed(SEED))
     z = sd.draw_latents(m.T, N, m.z_dim, SEED, "cpu")
-    got = postprocess(tab, run_table(tab, m.denoise, x_T, _twin_noise(tab, x_T, x_T.numel()),
+    got = postprocess(tab, run_table(tab, m.denoise, x_T, twin_noise(tab, SEED, x_T),
                                      z=z))
     assert torch.equal(got, want)
 
@@ -49,7 +35,7 @@ def test_cld_table_reproduces_sampler(one_thread, name):
     assert tab.header["nfe"] == (12,) and sum(r[0] for r in tab.rows) == 12
     want, nfe = sc.sample(m, name, 12, N, SEED, "cpu")
     x_T, v_T = sc.prior(m.cld, N, m.data_shape, torch.Generator().manual_seed(SEED), "cpu")
-    got = postprocess(tab, run_table(tab, m.alpha, x_T, _twin_noise(tab, x_T, x_T.numel()),
+    got = postprocess(tab, run_table(tab, m.alpha, x_T, twin_noise(tab, SEED, x_T),
                                      v=v_T))
     assert nfe == 12 and torch.equal(got, want)
 
@@ -84,6 +70,6 @@ def test_lsgm_table_reproduces_em_sampler(one_thread):
     assert noise_draws(tab) == [1] * 5 + [0]
     want, nfe = sl.sample(m, "em", 6, N, SEED, "cpu")
     z_T = torch.randn((N, *m.latent_shape), generator=torch.Generator().manual_seed(SEED))
-    z0 = run_table(tab, m.eps, z_T, _twin_noise(tab, z_T, z_T.numel()))
+    z0 = run_table(tab, m.eps, z_T, twin_noise(tab, SEED, z_T))
     got = postprocess(tab, m.decode(z0))
     assert nfe == 6 and torch.equal(got, want)

@@ -231,6 +231,20 @@ def noise_draws(table: Table) -> list[int]:
     return [2 if any(r[8:11]) else 0 for r in table.rows]
 
 
+def twin_noise(table: Table, seed: int, like: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per row, the normals a family's sampler draws on the CPU for one batch shaped `like`: the
+    torch twins keyed by (seed, counter), the counter advancing by like.numel() at every noisy
+    row (samplers/*: offset k * numel at the k-th noisy step). Fed to run_table, it reproduces
+    the sampler's output exactly; written to files, it is the C++ runtime's --noise input."""
+    from fastsample.kernels.affine import _twin_normals
+    from fastsample.samplers import seed_tensor
+    st, counter, out = seed_tensor(seed, like.device), 0, []
+    for d in noise_draws(table):
+        out.append(list(_twin_normals(st, counter, d, like)) if d else [])
+        counter += like.numel() if d else 0
+    return out
+
+
 def postprocess(table: Table, x: torch.Tensor) -> torch.Tensor:
     kind = table.header["postprocess"][0]
     if kind == "quantize17":

@@ -34,13 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastsample.export.schedule import (Table, cld_table, ddgan_table, noise_draws, postprocess,
-                                        run_table)
-from fastsample.kernels.affine import _twin_normals
+from fastsample.export.schedule import (Table, cld_table, ddgan_table, postprocess, run_table,
+                                        twin_noise)
 from fastsample.models import load_model
 from fastsample.samplers import cld as sc
 from fastsample.samplers import ddgan as sd
-from fastsample.samplers import seed_tensor
 
 ROOT = Path(__file__).resolve().parents[2]
 DDGAN_CKPT = ROOT / "checkpoints/digits/ddgan.safetensors"
@@ -68,15 +66,6 @@ def export_model_pt2(ckpt: Path, what: str, out: Path) -> None:
 
 #-----------------------------------------------------------------------------------------------
 # Fixture cases.
-
-def _twin_noise(table: Table, like: torch.Tensor) -> list:
-    """The CPU twins' per-row noise as the real sampler draws it (offset k * numel)."""
-    st, out, k = seed_tensor(SEED, "cpu"), [], 0
-    for d in noise_draws(table):
-        out.append(list(_twin_normals(st, k * like.numel(), d, like)) if d else [])
-        k += 1 if table.family == "ddgan" or d else 0
-    return out
-
 
 def _save(path: Path, t: torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +118,7 @@ def make_ddgan(out: Path, num: int) -> None:
     tab = ddgan_table(m)
     x_T = torch.randn((num, *m.data_shape), generator=torch.Generator().manual_seed(SEED))
     z = sd.draw_latents(m.T, num, m.z_dim, SEED, "cpu")
-    noise = _twin_noise(tab, x_T)
+    noise = twin_noise(tab, SEED, x_T)
     # The table's loop is the sampler: same noise, identical samples.
     want, _ = sd.sample(m, "posterior", m.T, num, SEED)
     got = postprocess(tab, run_table(tab, m.denoise, x_T, noise, z=z))
@@ -157,7 +146,7 @@ def make_cld(out: Path, num: int, steps: int) -> None:
     aoti = torch._inductor.aoti_load_package(str(model_pt2))
     for name in ("sscs", "em"):
         tab = cld_table(m, name, steps)
-        noise = _twin_noise(tab, x_T)
+        noise = twin_noise(tab, SEED, x_T)
         want, _ = sc.sample(m, name, steps, num, SEED, "cpu")
         got = postprocess(tab, run_table(tab, m.alpha, x_T, noise, v=v_T))
         if not torch.equal(got, want):
