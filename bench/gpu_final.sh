@@ -4,12 +4,7 @@
 # --max-minutes (one CPU thread per process: the first run with 11 processes x 16 threads
 # oversubscribed the host and ran at CPU speed).
 set -u
-OUT=${OUT:-/tmp/fastsample-gpu}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PWD:/tmp/site
-fi
+source "$(dirname "$0")/gpu_env.sh"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; } 2>&1 | tee "$OUT/env.txt"
 python3 -m pytest --benchmark bench/test_sampling_speed.py -q -p no:cacheprovider \
   --benchmark-json="$OUT/sampling_speed.json" --benchmark-columns=median,rounds 2>&1 | tee "$OUT/speed.log" | tail -14

@@ -4,12 +4,7 @@
 # bounded by --max-minutes; run the gpu-marked tests meanwhile. Checkpoints come back as two
 # tarballs under $OUT (fp16 storage, cards with the exact command).
 set -u
-OUT=${OUT:-/tmp/fastsample-gpu}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PWD:/tmp/site
-fi
+source "$(dirname "$0")/gpu_env.sh"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   date -u; } 2>&1 | tee "$OUT/env.txt"

@@ -2,8 +2,7 @@
 # One call on a lent GPU machine: environment, gpu-marked tests, kernel benches.
 # Usage (device tool): bash bench/gpu_run.sh   — writes logs + JSON under $OUT.
 set -u
-OUT=${OUT:-/tmp/fastsample-gpu}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"

@@ -3,12 +3,7 @@
 # tests, the latency benches, and the NVTX attribution of the Engine's kernels by ncu.
 # Usage (from the repo root on the device): OUT=$OUT bash bench/gpu_runtime.sh
 set -u
-OUT=${OUT:-/tmp/fastsample-gpu}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then   # POT / nvtx wheels the device image lacks
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PWD:/tmp/site
-fi
+source "$(dirname "$0")/gpu_env.sh"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; git log -1 --format=%H 2>/dev/null; } 2>&1 | tee "$OUT/env.txt"
 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_runtime.py tests/test_export.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 python3 -m pytest --benchmark -q -p no:cacheprovider bench/test_latency_runtime.py bench/test_latency.py \

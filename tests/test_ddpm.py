@@ -18,12 +18,8 @@ from fastsample.train import TrainConfig, train
 from fastsample.train.batches import batch_sampler
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small per-step tensors: threads only add contention on the shared CPU (conftest's fixture).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _points(x):

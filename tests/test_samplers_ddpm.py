@@ -17,13 +17,8 @@ from fastsample.sde.vp import VPSDE, DDPMSchedule
 N_SAMPLES = 2000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small per-step tensors: threads only add contention on the shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small per-step tensors: threads only add contention on the shared CPU (conftest's fixture).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ExactMixture:
