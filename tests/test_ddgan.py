@@ -138,9 +138,23 @@ def test_train_digits_smoke(digits, tmp_path):
 
 
 def test_exact_resume(toy, tmp_path):
+    """A 6-step run interrupted after its step-3 checkpoint and resumed with the same settings
+    (so the same lr schedule) ends where an uninterrupted run ends."""
     a, b = tmp_path / "a", tmp_path / "b"
     _train(toy, a, steps=6)
-    _train(toy, b, steps=3, ckpt_every=3)
+    fam = ddgan.Family(toy, ddgan.default_config(toy))
+    tcfg = TrainConfig(steps=6, batch_size=32, ema_decay=0.9, progress=False, log_every=1,
+                       ckpt_every=3)
+    draw, calls = batch_sampler(toy, dequantize=False), []
+
+    def interrupted(n, g):
+        calls.append(n)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the kill, after step 3's checkpoint
+        return draw(n, g)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(fam, interrupted, tcfg, b)
     _train(toy, b, steps=6, ckpt_every=3, resume=True)
     sa, sb = (torch.load(p / "ddgan.state.pt", weights_only=False)["modules"] for p in (a, b))
     for name in ("generator", "discriminator"):
@@ -184,3 +198,62 @@ def test_sampler_errors():
 def test_from_checkpoint_bad_card():
     with pytest.raises(ValueError, match="net_config is missing or has a bad field"):
         ddgan.Model.from_checkpoint({}, {"net_config": {"kind": "points"}, "dataset": "toy2d:grid25"})
+
+
+def _d_steps_seen(digits, tmp_path, mbstd: int) -> list[torch.Tensor]:
+    """The step index t of every D call over 3 training steps (a recording wrapper around D)."""
+    small = Dataset(name="digits", kind="image", x=digits.x[:64], labels=digits.labels[:64],
+                    split="train")
+    cfg = make_config("ddgan", small, {"base_ch": "16", "disc_base_ch": "16",
+                                       "disc_mbstd": str(mbstd)})
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.d = d
+
+        def forward(self, x_prev, x_t, t):
+            seen.append(t.detach().clone())
+            return self.d(x_prev, x_t, t)
+
+    class Fam(ddgan.Family):
+        def modules(self):
+            mods = super().modules()
+            mods["discriminator"] = Recording(mods["discriminator"])
+            return mods
+
+    tcfg = TrainConfig(steps=3, batch_size=32, progress=False, log_every=1, ckpt_every=500)
+    train(Fam(small, cfg), batch_sampler(small, dequantize=True), tcfg, tmp_path)
+    return seen
+
+
+def test_mbstd_groups_see_one_step_index(digits, tmp_path):
+    """With a minibatch-std D the batch is ordered by i, so a consecutive group of 4 holds (at
+    most a boundary aside) one noise level, and real and fake halves are ordered alike."""
+    seen = _d_steps_seen(digits, tmp_path / "mbstd", mbstd=4)
+    assert len(seen) == 6                           # per step: D on [real; fake], then D on fake
+    for t in seen:
+        halves = t.view(-1, 32) if len(t) == 64 else t.view(1, -1)
+        for h in halves:
+            assert torch.equal(h, h.sort().values)
+        assert torch.equal(halves[0], halves[-1])
+    # Control: without mbstd the draw order is kept (so the check above can fail).
+    plain = _d_steps_seen(digits, tmp_path / "plain", mbstd=0)
+    assert any(not torch.equal(t, t.sort().values) for t in plain)
+
+
+def test_cosine_lr_spans_the_runs_steps(digits, tmp_path):
+    """The lr decay follows the run's --steps, not the config's default train_steps (8000 for
+    digits): after 3 of 3 steps the lr is the cosine value at (3 - 1) / 3."""
+    from fastsample import checkpoint as ck
+    small = Dataset(name="digits", kind="image", x=digits.x[:64], labels=digits.labels[:64],
+                    split="train")
+    cfg = make_config("ddgan", small, {"base_ch": "16", "disc_base_ch": "16"})
+    assert cfg.train_steps == 8000
+    _train(small, tmp_path, steps=3, cfg=cfg, batch=8)
+    state = ck.load_training_state(ck.training_state_path(tmp_path / "ddgan.safetensors"))
+    scale = cfg.lr_min_frac + (1 - cfg.lr_min_frac) * 0.5 * (1 + math.cos(math.pi * 2 / 3))
+    for name, lr in (("gen", cfg.lr_g), ("disc", cfg.lr_d)):
+        got = state["optimizers"][name]["param_groups"][0]["lr"]
+        assert got == pytest.approx(lr * scale, rel=1e-9)

@@ -84,6 +84,11 @@ class StepContext:
     def device(self) -> torch.device:
         return self._loop.device
 
+    @property
+    def total_steps(self) -> int:
+        """The run's step budget (TrainConfig.steps), for schedules that span the whole run."""
+        return self._loop.cfg.steps
+
     def m(self, name: str) -> nn.Module:
         """The module to call in the step (DDP-wrapped when distributed)."""
         return self._loop.wrapped[name]
