@@ -57,7 +57,6 @@ class Config:
     batch_size: int = 64            # default global batch (the CLI reads it)
     ema_decay: float = 0.999        # EMA of G weights (the CLI reads it)
     grad_clip: float = 1.0          # max grad norm per optimiser group (the CLI reads it); 0 = off
-    step_weights: str = "uniform"   # training draw of i: "uniform" (sec. 3) | "last" (p ~ T+1-i)
 
     def __post_init__(self):
         object.__setattr__(self, "disc_ch_mult", tuple(self.disc_ch_mult))
@@ -81,9 +80,6 @@ class Config:
             raise ValueError(f"ddgan Config.disc_mbstd = {self.disc_mbstd!r}; must be an int >= 0")
         if not self.grad_clip >= 0:
             raise ValueError(f"ddgan Config.grad_clip = {self.grad_clip!r}; must be >= 0 (0 = off)")
-        if self.step_weights not in ("uniform", "last"):
-            raise ValueError(f"ddgan Config.step_weights = {self.step_weights!r}; choose one of "
-                             "uniform|last")
         if not self.r1_gamma >= 0:
             raise ValueError(f"ddgan Config.r1_gamma = {self.r1_gamma!r}; must be >= 0")
 
@@ -287,13 +283,7 @@ class Family:
         G, D = ctx.m("generator"), ctx.m("discriminator")
 
         # Real pair: x_{i-1} ~ q(x_{i-1} | x_0), x_i ~ q(x_i | x_{i-1}), i uniform in 1..T.
-        if c.step_weights == "uniform":
-            i = ctx.randint(c.T, N).cpu() + 1
-        else:
-            # p(i) ~ T + 1 - i: the last steps set the sample's detail; inverse CDF of one uniform.
-            w = torch.arange(c.T, 0, -1, dtype=torch.float64)
-            cdf = (w.cumsum(0) / w.sum()).float()
-            i = torch.searchsorted(cdf, ctx.rand(N).cpu(), right=True).clamp(max=c.T - 1) + 1
+        i = ctx.randint(c.T, N).cpu() + 1
         if c.disc_mbstd > 1:
             # D's minibatch-std groups are consecutive samples; sorted by i, a group mostly
             # shares one noise level, so its std measures sample diversity at that step instead
