@@ -89,9 +89,13 @@ def default_config(data) -> Config:
     lrs and Adam betas, no gradient clipping, batch 64, 8000 steps (14 min at ~9.5 it/s on one
     thread of the shared 2-core CPU). Measured on digits (n = 2000, seed 0): the old recipe
     (loop's clip at 1, no mbstd, 6000 steps) FD 63; no clip 45; + mbstd 42 (6000 steps); + 8000
-    steps 24. Without mbstd the raw G hops between classes (class KL to uniform 0.1-0.2, FD
-    ~300; only its EMA was usable): at the noisy steps i = 3, 4, where the class is chosen, a
-    per-pair D can barely see the class mix, a batch statistic can.
+    steps 24 (20 on another draw); + the batch ordered by i so mbstd groups share a noise level
+    17.7 (C2ST 0.53). Without mbstd the raw G hops between classes (class KL to uniform 0.1-0.2,
+    FD ~300; only its EMA was usable): at the noisy steps i = 3, 4, where the class is chosen, a
+    per-pair D can barely see the class mix, a batch statistic can. Tried, one run each, and not
+    kept: R1 gamma 0.1 (FD 22.8 vs 20.2, before the ordering); with the ordering lr_min_frac 0.02
+    (29.3) and p(i) ~ T+1-i (18.2); with both, disc_base_ch 64 (66.9) and 12000 steps (42.0), the
+    class hopping back (class KL 0.03); EMA 0.9995 / 0.998 instead of 0.999 (worse at 8000).
     2D points: MLPs, batch 256, higher lrs (at ddgan.md's lrs the MLP critic learns too slowly
     and G collapses to a line); 4000 steps ~ 1.5 min at ~45 it/s, all 25 grid25 modes by
     step 2000."""

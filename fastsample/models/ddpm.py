@@ -33,7 +33,7 @@ ARCHS = ("unet", "mlp")
 @dataclass(frozen=True)
 class Config:
     arch: str = "unet"                      # "unet" (images) | "mlp" (2D points)
-    train_steps: int = 10000                # optimiser steps; digits: ~18 min at ~9.3 it/s (1 CPU thread)
+    train_steps: int = 10000                # optimiser steps; digits: ~19 min at 8.8 it/s (1 CPU thread)
     batch_size: int = 128                   # global batch
     ema_decay: float = 0.999                # EMA of the released weights
     lr: float = 1e-3                        # Adam learning rate
