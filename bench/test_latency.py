@@ -72,6 +72,21 @@ def exported(tmp_path_factory):
     return get
 
 
+def _torch_maker(fn, spec, device):
+    """fn(batch) -> callable for a torch callable (eager, compiled or an AOTI runner)."""
+    from fastsample.export.core import example_inputs
+
+    def make(n):
+        args = example_inputs(spec, n, device=device)
+
+        def call():
+            with torch.no_grad():
+                fn(*args)
+            _sync()
+        return call
+    return make
+
+
 def _runner(backend, exported, name):
     """fn(batch) -> callable running one batch (inputs prepared outside the timed call)."""
     device = "cuda" if CUDA else "cpu"
@@ -81,16 +96,7 @@ def _runner(backend, exported, name):
         module = spec.module.eval()
         if backend == "compile":
             module = torch.compile(module)   # default: batch 1 static, then a dynamic recompile
-
-        def make(n):
-            args = example_inputs(spec, n, device=device)
-
-            def call():
-                with torch.no_grad():
-                    module(*args)
-                _sync()
-            return call
-        return make
+        return _torch_maker(module, spec, device)
     if backend in ("ort", "ort-gpu"):
         from fastsample.export.onnx import ort_session
         d, spec = exported(name, "onnx" if backend == "ort" else "onnx-gpu")
@@ -103,17 +109,7 @@ def _runner(backend, exported, name):
         return make
     if backend == "aoti":
         d, spec = exported(name, "aoti")
-        runner = torch._inductor.aoti_load_package(str(d / "model.pt2"))
-
-        def make(n):
-            args = example_inputs(spec, n, device=device)
-
-            def call():
-                with torch.no_grad():
-                    runner(*args)
-                _sync()
-            return call
-        return make
+        return _torch_maker(torch._inductor.aoti_load_package(str(d / "model.pt2")), spec, device)
     from fastsample.export.tensorrt import load_engine
     d, spec = exported(name, "tensorrt")
     engine = load_engine(d / "model.plan", spec)
