@@ -33,12 +33,22 @@ def digits():
     return load_dataset("digits")
 
 
-def _train(data, out, steps, cfg=None, resume=False, ckpt_every=500, batch=32, ema=0.9):
+@pytest.fixture(scope="module")
+def small_digits(digits):
+    """64 digits: enough for a few training steps."""
+    return Dataset(name="digits", kind="image", x=digits.x[:64], labels=digits.labels[:64],
+                   split="train")
+
+
+def _train(data, out, steps, cfg=None, resume=False, ckpt_every=500, batch=32, ema=0.9,
+           family=ddgan.Family, batches=None):
+    """`batches` wraps the data's batch source (e.g. to interrupt the run)."""
     cfg = cfg or ddgan.default_config(data)
-    fam = ddgan.Family(data, cfg)
+    fam = family(data, cfg)
     tcfg = TrainConfig(steps=steps, batch_size=batch, ema_decay=ema, progress=False, log_every=1,
                        ckpt_every=ckpt_every)
-    train(fam, batch_sampler(data, dequantize=data.kind == "image"), tcfg, out, resume=resume)
+    draw = batch_sampler(data, dequantize=data.kind == "image")
+    train(fam, batches(draw) if batches else draw, tcfg, out, resume=resume)
     return [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
 
 
@@ -122,9 +132,8 @@ def test_train_toy2d_smoke_checkpoint_and_sampling(toy, tmp_path):
     assert torch.equal(x, y)
 
 
-def test_train_digits_smoke(digits, tmp_path):
-    small = Dataset(name="digits", kind="image", x=digits.x[:64], labels=digits.labels[:64],
-                    split="train")
+def test_train_digits_smoke(small_digits, tmp_path):
+    small = small_digits
     cfg = make_config("ddgan", small, {"lazy_reg": "2", "base_ch": "16", "disc_base_ch": "16"})
     log = _train(small, tmp_path, steps=2, cfg=cfg, batch=8)
     assert all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in log)
@@ -142,19 +151,19 @@ def test_exact_resume(toy, tmp_path):
     (so the same lr schedule) ends where an uninterrupted run ends."""
     a, b = tmp_path / "a", tmp_path / "b"
     _train(toy, a, steps=6)
-    fam = ddgan.Family(toy, ddgan.default_config(toy))
-    tcfg = TrainConfig(steps=6, batch_size=32, ema_decay=0.9, progress=False, log_every=1,
-                       ckpt_every=3)
-    draw, calls = batch_sampler(toy, dequantize=False), []
 
-    def interrupted(n, g):
-        calls.append(n)
-        if len(calls) == 4:
-            raise KeyboardInterrupt  # the kill, after step 3's checkpoint
-        return draw(n, g)
+    def interrupted(draw):
+        calls = []
+
+        def batch(n, g):
+            calls.append(n)
+            if len(calls) == 4:
+                raise KeyboardInterrupt  # the kill, after step 3's checkpoint
+            return draw(n, g)
+        return batch
 
     with pytest.raises(KeyboardInterrupt):
-        train(fam, interrupted, tcfg, b)
+        _train(toy, b, steps=6, ckpt_every=3, batches=interrupted)
     _train(toy, b, steps=6, ckpt_every=3, resume=True)
     sa, sb = (torch.load(p / "ddgan.state.pt", weights_only=False)["modules"] for p in (a, b))
     for name in ("generator", "discriminator"):
@@ -200,10 +209,8 @@ def test_from_checkpoint_bad_card():
         ddgan.Model.from_checkpoint({}, {"net_config": {"kind": "points"}, "dataset": "toy2d:grid25"})
 
 
-def _d_steps_seen(digits, tmp_path, mbstd: int) -> list[torch.Tensor]:
+def _d_steps_seen(small, tmp_path, mbstd: int) -> list[torch.Tensor]:
     """The step index t of every D call over 3 training steps (a recording wrapper around D)."""
-    small = Dataset(name="digits", kind="image", x=digits.x[:64], labels=digits.labels[:64],
-                    split="train")
     cfg = make_config("ddgan", small, {"base_ch": "16", "disc_base_ch": "16",
                                        "disc_mbstd": str(mbstd)})
     seen = []
@@ -223,15 +230,14 @@ def _d_steps_seen(digits, tmp_path, mbstd: int) -> list[torch.Tensor]:
             mods["discriminator"] = Recording(mods["discriminator"])
             return mods
 
-    tcfg = TrainConfig(steps=3, batch_size=32, progress=False, log_every=1, ckpt_every=500)
-    train(Fam(small, cfg), batch_sampler(small, dequantize=True), tcfg, tmp_path)
+    _train(small, tmp_path, steps=3, cfg=cfg, family=Fam)
     return seen
 
 
-def test_mbstd_groups_see_one_step_index(digits, tmp_path):
+def test_mbstd_groups_see_one_step_index(small_digits, tmp_path):
     """With a minibatch-std D the batch is ordered by i, so a consecutive group of 4 holds (at
     most a boundary aside) one noise level, and real and fake halves are ordered alike."""
-    seen = _d_steps_seen(digits, tmp_path / "mbstd", mbstd=4)
+    seen = _d_steps_seen(small_digits, tmp_path / "mbstd", mbstd=4)
     assert len(seen) == 6                           # per step: D on [real; fake], then D on fake
     for t in seen:
         halves = t.view(-1, 32) if len(t) == 64 else t.view(1, -1)
@@ -239,16 +245,15 @@ def test_mbstd_groups_see_one_step_index(digits, tmp_path):
             assert torch.equal(h, h.sort().values)
         assert torch.equal(halves[0], halves[-1])
     # Control: without mbstd the draw order is kept (so the check above can fail).
-    plain = _d_steps_seen(digits, tmp_path / "plain", mbstd=0)
+    plain = _d_steps_seen(small_digits, tmp_path / "plain", mbstd=0)
     assert any(not torch.equal(t, t.sort().values) for t in plain)
 
 
-def test_cosine_lr_spans_the_runs_steps(digits, tmp_path):
+def test_cosine_lr_spans_the_runs_steps(small_digits, tmp_path):
     """The lr decay follows the run's --steps, not the config's default train_steps (8000 for
     digits): after 3 of 3 steps the lr is the cosine value at (3 - 1) / 3."""
     from fastsample import checkpoint as ck
-    small = Dataset(name="digits", kind="image", x=digits.x[:64], labels=digits.labels[:64],
-                    split="train")
+    small = small_digits
     cfg = make_config("ddgan", small, {"base_ch": "16", "disc_base_ch": "16"})
     assert cfg.train_steps == 8000
     _train(small, tmp_path, steps=3, cfg=cfg, batch=8)
