@@ -48,6 +48,8 @@ class Config:
     beta2: float = 0.9              # Adam beta2 (sec. 3)
     lr_min_frac: float = 0.1        # cosine decay ends at lr * lr_min_frac; 1 = constant lr
     r1_gamma: float = 0.02          # R1 weight: gamma/2 E||grad_x D(x_real)||^2 (sec. 3)
+    ds_weight: float = 0.0          # diversity term on G: -ds_weight E min(|dx0'|/|dz|, ds_cap)
+    ds_cap: float = 0.5             # its cap (per-element mean abs ratio), so it only lifts a G that ignores z
     lazy_reg: int = 15              # R1 every lazy_reg steps, scaled by lazy_reg; 1 = every step
     eps: float = 1e-3               # schedule: forward time of x_0 (sec. 1)
     beta_min: float = 0.1           # schedule: VP beta(0)
@@ -82,6 +84,10 @@ class Config:
             raise ValueError(f"ddgan Config.grad_clip = {self.grad_clip!r}; must be >= 0 (0 = off)")
         if not self.r1_gamma >= 0:
             raise ValueError(f"ddgan Config.r1_gamma = {self.r1_gamma!r}; must be >= 0")
+        if not self.ds_weight >= 0:
+            raise ValueError(f"ddgan Config.ds_weight = {self.ds_weight!r}; must be >= 0 (0 = off)")
+        if not self.ds_cap > 0:
+            raise ValueError(f"ddgan Config.ds_cap = {self.ds_cap!r}; must be > 0")
 
 
 def default_config(data) -> Config:
@@ -323,9 +329,21 @@ class Family:
 
         # G step: non-saturating loss against the updated D.
         loss_g = F.softplus(-D(x_fake, x_i, t)).mean()
+        ds = None
+        if c.ds_weight > 0:
+            # Diversity-sensitive term (a conditional G learns to ignore z: the released G had
+            # Var_z x_0' ~ 0.3% of the data posterior's Var(x_0 | x_1)). Every other row gets a
+            # second z; strided, not the first half, because rows are sorted by i.
+            z2 = ctx.randn(z[::2].shape[0], c.z_dim)
+            x0_pred2 = G(x_i[::2], t[::2], z2)
+            ds = ((x0_pred[::2] - x0_pred2).abs().flatten(1).mean(1)
+                  / (z[::2] - z2).abs().mean(1))
+            loss_g = loss_g - c.ds_weight * ds.clamp(max=c.ds_cap).mean()
         ctx.optimize("gen", loss_g)
         out = {"loss_d": loss_d.detach(), "loss_d_real": loss_d_real.detach(),
                "loss_d_fake": loss_d_fake.detach(), "loss_g": loss_g.detach()}
+        if ds is not None:
+            out["ds_ratio"] = ds.mean().detach()
         if do_r1:
             out["r1"] = r1.detach()
         return out
