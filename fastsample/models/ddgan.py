@@ -377,6 +377,38 @@ class Family:
         return out
 
 
+@torch.no_grad()
+def z_usage(model: "Model", x0: torch.Tensor, ref: torch.Tensor, draws: int = 16,
+            seed: int = 0) -> list[dict]:
+    """How much of the denoising distribution's spread G produces from z, per step i.
+
+    For each i: x_i ~ q(x_i | x_0) from the rows of `x0` (model space), then
+    - posterior_var: E ||x_0 - E[x_0 | x_i]||^2 under the empirical distribution of `ref`
+      (model space), by Bayes' rule over its rows: the spread a perfect p(x_0 | x_i) has;
+    - generator_var: E sum_pixels Var_z G(x_i, z, i), over `draws` latents per x_i;
+    - mean_err: E ||E_z G(x_i, z, i) - E[x_0 | x_i]||^2.
+    generator_var << posterior_var means G ignores z: the multimodal p(x_{i-1} | x_i) the
+    paper's argument rests on is then a point mass plus the posterior noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    R = ref.flatten(1).double()
+    rows = []
+    for i in range(1, model.T + 1):
+        ab = float(model.schedule.alpha_bar[i])
+        x_i = ab ** 0.5 * x0 + (1 - ab) ** 0.5 * torch.randn(x0.shape, generator=g)
+        d2 = torch.cdist(x_i.flatten(1).double(), ab ** 0.5 * R).pow(2)
+        w = torch.softmax(-d2 / (2 * (1 - ab)), dim=1)
+        mean = w @ R
+        pvar = (w * R.pow(2).sum(1)[None]).sum(1) - mean.pow(2).sum(1)
+        t = torch.full((len(x0),), float(i))
+        outs = torch.stack([model.denoise(x_i, torch.randn(len(x0), model.z_dim, generator=g), t)
+                            for _ in range(draws)]).flatten(2).double()
+        rows.append({"i": i, "alpha_bar": ab, "posterior_var": float(pvar.clamp(min=0).mean()),
+                     "generator_var": float(outs.var(0).sum(1).mean()),
+                     "mean_err": float((outs.mean(0) - mean).pow(2).sum(1).mean())})
+    return rows
+
+
 def grid25_modes(x: torch.Tensor, min_share: float = 0.2) -> dict:
     """grid25 mode coverage by the nearest-mean rule: every sample belongs to its nearest mean; a
     mode is hit when it holds at least min_share of the uniform share 1/25 of the samples.
@@ -394,5 +426,5 @@ def _json_safe(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-__all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS", "grid25_modes",
+__all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS", "grid25_modes", "z_usage",
            "generator_config", "build_generator", "build_discriminator", "schedule_of"]
