@@ -71,8 +71,6 @@ def test_config_defaults_and_validation(toy, digits):
         ddgan.Family(toy, ddgan.Config(arch="unet"))
     with pytest.raises(ValueError, match=r"Config.grad_clip = -1.0; must be >= 0"):
         ddgan.Config(grad_clip=-1.0)
-    with pytest.raises(ValueError, match="disc_x0 applies to the image"):
-        ddgan.Config(arch="mlp", disc_x0=True)
     with pytest.raises(ValueError, match=r"Config.ds_weight = -1.0; must be >= 0"):
         ddgan.Config(ds_weight=-1.0)
     with pytest.raises(ValueError, match=r"Config.ds_cap = 0.0; must be > 0"):
@@ -331,40 +329,3 @@ def test_z_usage_matches_closed_forms():
     assert two[-1]["posterior_var"] == pytest.approx((b - a).pow(2).sum().item() / 4, rel=0.02)
     assert two[0]["posterior_var"] < 1e-3          # i = 1: the two points are told apart
     assert all(r["generator_var"] == pytest.approx(64 * 0.25, rel=0.15) for r in two)
-
-
-def test_disc_x0_shows_d_the_clean_ends(small_digits, tmp_path):
-    """disc_x0: the D call on [real; fake] gets x0 = [data x_0 (model space); G's x_0'], the G
-    call gets G's x_0' with gradient; the fake x_{i-1} is the posterior sample from that x_0'."""
-    cfg = make_config("ddgan", small_digits, {"base_ch": "16", "disc_base_ch": "16",
-                                              "disc_x0": "true", "lazy_reg": "1"})
-    calls = []
-
-    class Recording(torch.nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.d = d
-
-        def forward(self, x_prev, x_t, t, x0=None):
-            calls.append((x_prev.detach().clone(), x0.detach().clone(), x0.requires_grad))
-            return self.d(x_prev, x_t, t, x0)
-
-    class Fam(ddgan.Family):
-        def modules(self):
-            mods = super().modules()
-            mods["discriminator"] = Recording(mods["discriminator"])
-            return mods
-
-    log = _train(small_digits, tmp_path, steps=2, cfg=cfg, family=Fam)
-    assert all(math.isfinite(r["r1"]) and r["r1"] > 0 for r in log if "loss_d" in r)
-    # Per step: D on [real; fake] (x0 real: requires grad for R1), then D on fake for G.
-    assert len(calls) == 4
-    (xp_d, x0_d, _), (xp_g, x0_g, g_grad) = calls[2], calls[3]
-    N = len(x0_g)
-    real_x0 = x0_d[:N]
-    assert real_x0.min() >= -1 - 1e-6 and real_x0.max() <= 1 + 1e-6   # data in model space
-    assert g_grad                                                     # G learns through x_0'
-    # The D step's fake half and the G step saw the same x_0' and the same x'_{i-1}.
-    torch.testing.assert_close(x0_d[N:], x0_g)
-    torch.testing.assert_close(xp_d[N:], xp_g)
-    assert not torch.allclose(real_x0, x0_g)

@@ -229,23 +229,6 @@ def test_discriminator_shapes_and_uses_both_inputs_and_t(res, in_ch, ch_mult):
         net(torch.randn(2, in_ch + 1, res, res), b, t)
 
 
-def test_discriminator_with_x0_uses_it_and_checks_it():
-    net = perturb(Discriminator(DiscriminatorConfig(base_ch=16, num_groups=4, with_x0=True)))
-    a, b, c = (torch.randn(2, 1, 8, 8) for _ in range(3))
-    t = torch.tensor([1.0, 3.0])
-    with torch.no_grad():
-        base = net(a, b, t, c)
-        assert base.shape == (2,)
-        assert (net(a, b, t, torch.randn_like(c)) - base).abs().max() > 1e-5
-    with pytest.raises(ValueError, match=r"with_x0=True\) was called without x0"):
-        net(a, b, t)
-    with pytest.raises(ValueError, match="x0 has shape"):
-        net(a, b, t, torch.randn(2, 2, 8, 8))
-    plain = Discriminator(DiscriminatorConfig(base_ch=16, num_groups=4))
-    with pytest.raises(ValueError, match=r"with_x0=False\) was called with x0"):
-        plain(a, b, t, c)
-
-
 def test_discriminator_minibatch_std_groups_consecutive_samples():
     """mbstd_group=4: a sample's logit depends on the 3 others of its consecutive group of 4 and
     on no one else, so the [real; fake] batch of the DDGAN step never mixes its two halves; a

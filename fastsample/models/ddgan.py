@@ -40,7 +40,6 @@ class Config:
     disc_base_ch: int = 32          # image discriminator channels at the first level
     disc_ch_mult: tuple = (1, 2, 2) # image discriminator channel multipliers (8 -> 4 -> 2)
     disc_mbstd: int = 0             # image D: minibatch-std group size (0 = off)
-    disc_x0: bool = False           # image D also sees x_0 (real) / x_0' (fake) beside the pair
     hidden: int = 128               # MLP width (G and D, 2D only)
     num_layers: int = 4             # MLP hidden layers (G and D, 2D only)
     lr_g: float = 1.6e-4            # generator Adam lr (sec. 3)
@@ -85,8 +84,6 @@ class Config:
             raise ValueError(f"ddgan Config.grad_clip = {self.grad_clip!r}; must be >= 0 (0 = off)")
         if not self.r1_gamma >= 0:
             raise ValueError(f"ddgan Config.r1_gamma = {self.r1_gamma!r}; must be >= 0")
-        if self.disc_x0 and self.arch != "unet":
-            raise ValueError("ddgan Config.disc_x0 applies to the image (unet) discriminator only")
         if not self.ds_weight >= 0:
             raise ValueError(f"ddgan Config.ds_weight = {self.ds_weight!r}; must be >= 0 (0 = off)")
         if not self.ds_cap > 0:
@@ -157,8 +154,7 @@ def build_discriminator(cfg: Config, data_shape: tuple) -> nn.Module:
         C, H, _ = data_shape
         return Discriminator(DiscriminatorConfig(in_ch=C, resolution=H, base_ch=cfg.disc_base_ch,
                                                  ch_mult=cfg.disc_ch_mult, time_scale=1.0,
-                                                 mbstd_group=cfg.disc_mbstd,
-                                                 with_x0=cfg.disc_x0))
+                                                 mbstd_group=cfg.disc_mbstd))
     (D,) = data_shape
     # A zero output layer would leave D blind at the start; a GAN wants a live critic from step 1.
     return MLPDiscriminator(MLPConfig(in_dim=2 * D, out_dim=1, hidden=cfg.hidden,
@@ -252,7 +248,6 @@ class Family:
         self.kind = data.kind
         self.data_shape = tuple(data.x.shape[1:])
         self.schedule = schedule_of(config)
-        self._d_x0 = config.disc_x0
         sch = self.schedule
         # Float64 tables on the host, indexed by the step i, cast once per step to the batch.
         self._sqrt_ab = torch.sqrt(sch.alpha_bar).float()
@@ -320,25 +315,20 @@ class Family:
         # forwards, and DDP sees one forward per backward).
         do_r1 = c.r1_gamma > 0 and ctx.step % c.lazy_reg == 0
         x_real = x_prev.detach().requires_grad_(do_r1)
-        x0_real = x0.detach().requires_grad_(do_r1) if self._d_x0 else None
-        extra = {"x0": torch.cat([x0_real, x0_pred.detach()])} if self._d_x0 else {}
-        logits = D(torch.cat([x_real, x_fake.detach()]), torch.cat([x_i, x_i]), torch.cat([t, t]),
-                   **extra)
+        logits = D(torch.cat([x_real, x_fake.detach()]), torch.cat([x_i, x_i]), torch.cat([t, t]))
         d_real, d_fake = logits[:N], logits[N:]
         loss_d_real = F.softplus(-d_real).mean()
         loss_d_fake = F.softplus(d_fake).mean()
         loss_d = loss_d_real + loss_d_fake
         r1 = torch.zeros((), device=x0.device)
         if do_r1:
-            reals = [x_real] + ([x0_real] if self._d_x0 else [])
-            grads = torch.autograd.grad(d_real.sum(), reals, create_graph=True)
-            r1 = sum(g.pow(2).flatten(1).sum(1) for g in grads).mean()
+            (grad,) = torch.autograd.grad(d_real.sum(), x_real, create_graph=True)
+            r1 = grad.pow(2).flatten(1).sum(1).mean()
             loss_d = loss_d + 0.5 * c.r1_gamma * c.lazy_reg * r1
         ctx.optimize("disc", loss_d)
 
         # G step: non-saturating loss against the updated D.
-        extra = {"x0": x0_pred} if self._d_x0 else {}
-        loss_g = F.softplus(-D(x_fake, x_i, t, **extra)).mean()
+        loss_g = F.softplus(-D(x_fake, x_i, t)).mean()
         ds = None
         if c.ds_weight > 0:
             # Diversity-sensitive term (a conditional G learns to ignore z: the released G had

@@ -228,7 +228,6 @@ class DiscriminatorConfig:
     skip_rescale: bool = True               # divide residual sums by sqrt(2)
     mbstd_group: int = 0                    # minibatch-std feature over groups of this many
                                             # consecutive samples (StyleGAN); 0 = off
-    with_x0: bool = False                   # a third input: the clean x_0 the pair came from
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
@@ -265,7 +264,7 @@ class Discriminator(nn.Module):
         E = 4 * cfg.base_ch
         self.time_emb = TimeEmbedding(cfg.time_embedding, cfg.base_ch, E, cfg.fourier_scale,
                                       cfg.time_scale)
-        self.conv_in = nn.Conv2d((3 if cfg.with_x0 else 2) * cfg.in_ch, cfg.base_ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(2 * cfg.in_ch, cfg.base_ch, 3, padding=1)
         self.blocks = _Blocks()
         ch = cfg.base_ch
         for i, mult in enumerate(cfg.ch_mult):
@@ -291,23 +290,15 @@ class Discriminator(nn.Module):
         s = s.repeat_interleave(G)[:, None, None, None].expand(N, 1, H, W)
         return self.mbstd_conv(torch.cat([h, s], dim=1))
 
-    def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                x0: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         N = x_t.shape[0]
         shape = (N, cfg.in_ch, cfg.resolution, cfg.resolution)
         check_input("x_prev", x_prev, shape)
         check_input("x_t", x_t, shape)
         check_input("t", t, (N,))
-        if cfg.with_x0 != (x0 is not None):
-            raise ValueError(f"Discriminator(with_x0={cfg.with_x0}) was called "
-                             f"{'without' if cfg.with_x0 else 'with'} x0")
-        inputs = [x_prev, x_t]
-        if x0 is not None:
-            check_input("x0", x0, shape)
-            inputs.append(x0)
         emb = torch.nn.functional.silu(self.time_emb(t))
-        h = self.blocks(self.conv_in(torch.cat(inputs, dim=1)), emb)
+        h = self.blocks(self.conv_in(torch.cat([x_prev, x_t], dim=1)), emb)
         if self.mbstd_conv is not None:
             h = self._mbstd(h)
         h = self.norm_out(h).sum(dim=(2, 3))  # (N, ch)
