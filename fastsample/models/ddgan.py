@@ -48,8 +48,8 @@ class Config:
     beta2: float = 0.9              # Adam beta2 (sec. 3)
     lr_min_frac: float = 0.1        # cosine decay ends at lr * lr_min_frac; 1 = constant lr
     r1_gamma: float = 0.02          # R1 weight: gamma/2 E||grad_x D(x_real)||^2 (sec. 3)
-    ds_weight: float = 0.0          # diversity term on G: -ds_weight E min(|dx0'|/|dz|, ds_cap)
-    ds_cap: float = 0.5             # its cap (per-element mean abs ratio), so it only lifts a G that ignores z
+    ds_weight: float = 0.0          # diversity term on G: -ds_weight E min(|dx0'|/|dz|, ds_cap); 0 = off
+    ds_cap: float = 0.5             # its cap on the per-element mean-abs ratio (pushes a z-blind G only)
     lazy_reg: int = 15              # R1 every lazy_reg steps, scaled by lazy_reg; 1 = every step
     eps: float = 1e-3               # schedule: forward time of x_0 (sec. 1)
     beta_min: float = 0.1           # schedule: VP beta(0)
@@ -92,16 +92,26 @@ class Config:
 
 def default_config(data) -> Config:
     """Digits / images: U-Net G, conv D with a minibatch-std feature (groups of 4), ddgan.md's
-    lrs and Adam betas, no gradient clipping, batch 64, 8000 steps (14 min at ~9.5 it/s on one
-    thread of the shared 2-core CPU). Measured on digits (n = 2000, seed 0): the old recipe
-    (loop's clip at 1, no mbstd, 6000 steps) FD 63; no clip 45; + mbstd 42 (6000 steps); + 8000
-    steps 24 (20 on another draw); + the batch ordered by i so mbstd groups share a noise level
-    17.7 (C2ST 0.53). Without mbstd the raw G hops between classes (class KL to uniform 0.1-0.2,
-    FD ~300; only its EMA was usable): at the noisy steps i = 3, 4, where the class is chosen, a
-    per-pair D can barely see the class mix, a batch statistic can. Tried, one run each, and not
-    kept: R1 gamma 0.1 (FD 22.8 vs 20.2, before the ordering); with the ordering lr_min_frac 0.02
-    (29.3) and p(i) ~ T+1-i (18.2); with both, disc_base_ch 64 (66.9) and 12000 steps (42.0), the
-    class hopping back (class KL 0.03); EMA 0.9995 / 0.998 instead of 0.999 (worse at 8000).
+    lrs and Adam betas, no gradient clipping, batch 64, 8000 steps (13.3 min on one thread of
+    the previous 2-core CPU; a later, slower one ran ~5.5 it/s alone). Measured on digits (n =
+    2000, seed 0): the old recipe (loop's clip at 1, no mbstd, 6000 steps) FD 63; no clip 45;
+    + mbstd 42 (6000 steps); + 8000 steps 24; + the batch ordered by i so mbstd groups share a
+    noise level 17.7. Without mbstd the raw G hops between classes (class KL to uniform
+    0.1-0.2); at the noisy steps i = 3, 4, where the class is chosen, a per-pair D can barely
+    see the class mix, a batch statistic can.
+
+    Read those one-draw numbers with care: the FD of one 2000-sample draw of this model has a
+    std of ~2.5 across seeds (the released G: 12.7-19.8 over seeds 0-9, mean 16.1; a 4000-step
+    run: 21.5-36.5), so only multi-seed means separate settings. Tried with single draws and
+    not kept: R1 gamma 0.1 / 0.005, lr_min_frac 0.02, p(i) ~ T+1-i, disc_base_ch 64, 12000
+    steps, disc_mbstd 8, EMA 0.9995 / 0.998. Tried later (means over 6 seeds unless said):
+    the diversity term ds_weight 0.1 / ds_cap 0.25 at 8000 steps FD 17.2 / C2ST 0.548 over
+    10 seeds vs 16.1 / 0.524 (not kept; at 4000 steps it did help: 22.2 vs 32.2); ds_weight 1
+    / cap 0.5 over-spreads the noisy steps (Var_z 3x the posterior's) and ends at FD 46 (4000
+    steps); beta_max 12 (even log-SNR gaps) FD 36 vs 21 at 4000 steps (2 draws vs 1); D without
+    GroupNorm (leaky ReLU, paper-like), a D with base 16 channels: D collapses to a constant
+    logit within ~300 steps (R1 -> 1e-5), G drifts; a D that also sees x_0 / x_0': D wins,
+    FD > 1000 at 3000 steps.
     2D points: MLPs, batch 256, higher lrs (at ddgan.md's lrs the MLP critic learns too slowly
     and G collapses to a line); 4000 steps ~ 1.5 min at ~45 it/s, all 25 grid25 modes by
     step 2000."""
@@ -331,9 +341,9 @@ class Family:
         loss_g = F.softplus(-D(x_fake, x_i, t)).mean()
         ds = None
         if c.ds_weight > 0:
-            # Diversity-sensitive term (a conditional G learns to ignore z: the released G had
-            # Var_z x_0' ~ 0.3% of the data posterior's Var(x_0 | x_1)). Every other row gets a
-            # second z; strided, not the first half, because rows are sorted by i.
+            # Diversity-sensitive term: a conditional G learns to ignore z (the released G has
+            # Var_z x_0' ~ 0.4% of the data posterior's Var(x_0 | x_1), see z_usage). Every
+            # other row gets a second z; strided, not the first half: rows are sorted by i.
             z2 = ctx.randn(z[::2].shape[0], c.z_dim)
             x0_pred2 = G(x_i[::2], t[::2], z2)
             ds = ((x0_pred[::2] - x0_pred2).abs().flatten(1).mean(1)
