@@ -405,7 +405,7 @@ def z_usage(model: "Model", x0: torch.Tensor, ref: torch.Tensor, draws: int = 16
     rows = []
     for i in range(1, model.T + 1):
         ab = float(model.schedule.alpha_bar[i])
-        x_i = ab ** 0.5 * x0 + (1 - ab) ** 0.5 * torch.randn(x0.shape, generator=g)
+        x_i = model.schedule.q_sample(x0, i, torch.randn(x0.shape, generator=g))
         d2 = torch.cdist(x_i.flatten(1).double(), ab ** 0.5 * R).pow(2)
         w = torch.softmax(-d2 / (2 * (1 - ab)), dim=1)
         mean = w @ R
