@@ -132,3 +132,28 @@ def test_time_limit_stops_cleanly_with_a_final_checkpoint(tmp_path):
     assert 0 < card.train_steps < 10_000
     assert card.extra["stopped_by_time_limit"] is True
     assert ck.load_training_state(tmp_path / "ddpm.state.pt")["step"] == card.train_steps
+
+
+def test_publish_releases_a_finished_run_in_fp16_with_its_command(tmp_path):
+    from fastsample.train import release
+    run = tmp_path / "run"
+    train(TinyFamily(dropout=0.0), sample_batch, TrainConfig(steps=4, batch_size=8, ckpt_every=2),
+          run)
+    sd32, _ = ck.load_checkpoint(run / "ddpm.safetensors")
+    info = release.publish("ddpm:toy2d:gauss", run, tmp_path / "out", "fastsample train X",
+                           "cpu", None)
+    dest = tmp_path / "out" / "gauss" / "ddpm.safetensors"
+    assert info["dest"] == str(dest) and dest.exists()
+    sd16, card = ck.load_checkpoint(dest)
+    assert card.extra["command"] == "fastsample train X" and card.train_steps == 4
+    assert json.loads(dest.with_suffix(".json").read_text())["extra"]["command"] == "fastsample train X"
+    for k, v in sd32.items():   # fp16 storage of the same weights
+        torch.testing.assert_close(sd16[k].float(), v.half().float())
+    # A run of another family or data set is refused, and nothing is written for it.
+    with pytest.raises(ValueError, match="trained on"):
+        release.publish("ddpm:digits", run, tmp_path / "out2", "x", "cpu", None)
+    with pytest.raises(FileNotFoundError, match="no ddgan checkpoint"):
+        release.publish("ddgan:toy2d:gauss", run, tmp_path / "out2", "x", "cpu", None)
+    with pytest.raises(FileNotFoundError):
+        release.publish("ddpm:toy2d:gauss", tmp_path / "nowhere", tmp_path / "out2", "x", "cpu", None)
+    assert not (tmp_path / "out2").exists()

@@ -32,8 +32,6 @@ def _dest(family: str, data: str, out: Path) -> Path:
 
 def release_one(spec: str, device: str, runs: Path, out: Path, commit: str | None,
                 train_args: tuple[str, ...] = ()) -> dict:
-    from fastsample import checkpoint as ck
-
     family, data = spec.split(":", 1)
     run_dir = runs / f"{family}-{data.replace(':', '-')}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -46,11 +44,30 @@ def release_one(spec: str, device: str, runs: Path, out: Path, commit: str | Non
     if rc != 0:
         tail = (run_dir / "stdout.log").read_text()[-2000:]
         raise RuntimeError(f"training {spec} failed (exit {rc}):\n{tail}")
-    sd, card = ck.load_checkpoint(run_dir / f"{family}.safetensors")
+    return publish(spec, run_dir, out, "fastsample train " + " ".join(cmd[4:]), device, commit,
+                   wall_incl_startup_s=time.time() - t0)
+
+
+def publish(spec: str, run_dir: Path, out: Path, command: str, device: str, commit: str | None,
+            wall_incl_startup_s: float | None = None) -> dict:
+    """Release the checkpoint a finished `fastsample train` run left in run_dir: fp16 storage
+    plus the card's exact command, into out/<data>/<family>.safetensors and its .json."""
+    from fastsample import checkpoint as ck
+
+    family, data = spec.split(":", 1)
+    src = Path(run_dir) / f"{family}.safetensors"
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no {family} checkpoint in that run directory")
+    sd, card = ck.load_checkpoint(src)
+    if card.family != family:
+        raise ValueError(f"{src} holds a {card.family} checkpoint, not {family}")
+    if card.dataset != data:
+        raise ValueError(f"{src} was trained on {card.dataset!r}, not {data!r}")
     extra = dict(card.extra)
-    extra["command"] = "fastsample train " + " ".join(cmd[4:])
+    extra["command"] = command
     extra["trained_on"] = device
-    extra["wall_time_incl_startup_s"] = round(time.time() - t0, 1)
+    if wall_incl_startup_s is not None:
+        extra["wall_time_incl_startup_s"] = round(wall_incl_startup_s, 1)
     fields = {"extra": extra}
     if commit and card.git_commit == "unknown":
         fields["git_commit"] = commit       # trained from a copy of the tree without .git
