@@ -116,7 +116,10 @@ def default_config(data) -> Config:
     plateau: 12000 steps FD 16.7 (6 seeds) vs 16.1 at 8000; batch 32 x 16000 steps (the same
     samples as 64 x 8000) 30.8: the batch size matters more than the step count; but batch
     128 x 4000 steps (the release's compute) reads 25.5, and 128 x 8000 steps (twice it)
-    23.0 over 10 seeds (C2ST 0.557): worse than 64 x 8000 at either compute.
+    23.0 over 10 seeds (C2ST 0.557): worse than 64 x 8000 at either compute. But the
+    training seed alone moves it as much: these defaults with --seed 1 read FD 22.6 (6
+    seeds, C2ST 0.580) against seed 0's 16.1, so one training run per setting cannot rank
+    settings either.
     2D points: MLPs, batch 256, higher lrs (at ddgan.md's lrs the MLP critic learns too slowly
     and G collapses to a line); 4000 steps ~ 1.5 min at ~45 it/s, all 25 grid25 modes by
     step 2000."""
