@@ -58,9 +58,7 @@ def publish(spec: str, run_dir: Path, out: Path, command: str, device: str, comm
     src = Path(run_dir) / f"{family}.safetensors"
     if not src.exists():
         raise FileNotFoundError(f"{src}: no {family} checkpoint in that run directory")
-    sd, card = ck.load_checkpoint(src)
-    if card.family != family:
-        raise ValueError(f"{src} holds a {card.family} checkpoint, not {family}")
+    sd, card = ck.load_checkpoint(src, expect_family=family)
     if card.dataset != data:
         raise ValueError(f"{src} was trained on {card.dataset!r}, not {data!r}")
     extra = dict(card.extra)
