@@ -16,6 +16,7 @@ from fastsample.data.toy2d import grid25
 from fastsample.metrics import sliced_wasserstein
 from fastsample.models import ddgan, load_model, make_config
 from fastsample.samplers import ddgan as S
+from fastsample.sde import ddgan_schedule
 from fastsample.train import TrainConfig, train
 from fastsample.train.batches import batch_sampler
 
@@ -75,6 +76,10 @@ def test_config_defaults_and_validation(toy, digits):
         ddgan.Config(ds_weight=-1.0)
     with pytest.raises(ValueError, match=r"Config.ds_cap = 0.0; must be > 0"):
         ddgan.Config(ds_cap=0.0)
+    with pytest.raises(ValueError, match=r"ddgan Config: DDGANSchedule.t_power"):
+        ddgan.Config(t_power=0.0)
+    warped = make_config("ddgan", toy, {"t_power": "2"})
+    assert warped.t_power == 2.0 and ddgan.schedule_of(warped).t_power == 2.0
 
 
 def test_cli_takes_grad_clip_from_the_family_config(capsys):
@@ -139,11 +144,15 @@ def test_train_toy2d_smoke_checkpoint_and_sampling(toy, tmp_path):
 
 def test_train_digits_smoke(small_digits, tmp_path):
     small = small_digits
-    cfg = make_config("ddgan", small, {"lazy_reg": "2", "base_ch": "16", "disc_base_ch": "16"})
+    cfg = make_config("ddgan", small, {"lazy_reg": "2", "base_ch": "16", "disc_base_ch": "16",
+                                       "t_power": "1.5"})
     log = _train(small, tmp_path, steps=2, cfg=cfg, batch=8)
     assert all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in log)
     assert "r1" in log[1] and "r1" not in log[0]   # lazy R1 on every 2nd step
-    model, _ = load_model(tmp_path / "ddgan.safetensors")
+    model, card = load_model(tmp_path / "ddgan.safetensors")
+    # The warped grid travels in the card: the loaded sampler uses the tables it was trained on.
+    assert card.sde_config["t_power"] == 1.5
+    assert torch.equal(model.schedule.alpha_bar, ddgan_schedule(4, t_power=1.5).alpha_bar)
     x, nfe = S.sample(model, "posterior", 4, 5, seed=1)
     assert x.shape == (5, 1, 8, 8) and nfe == 4
     levels = x * 16

@@ -131,9 +131,10 @@ def _bayes_posterior(ab_prev, alpha, beta):
     return math.sqrt(ab_prev) / (1 - ab_prev) / prec, math.sqrt(alpha) / beta / prec, 1 / prec
 
 
+@pytest.mark.parametrize("t_power", [1.0, 1.5])
 @pytest.mark.parametrize("T", [1, 2, 4, 8])
-def test_ddgan_posterior_vs_bayes(T):
-    sch = ddgan_schedule(T)
+def test_ddgan_posterior_vs_bayes(T, t_power):
+    sch = ddgan_schedule(T, t_power=t_power)
     assert sch.num_steps == T and len(sch.t) == T + 1
     assert math.isnan(sch.alpha[0]) and math.isnan(sch.c0[0])
     # alpha_bar is the product of the per-step alphas, and proportional to ddgan.md's 1 - sigma^2(t_i)
@@ -141,7 +142,13 @@ def test_ddgan_posterior_vs_bayes(T):
     # 1 - sigma^2(t) = exp(2 log m(t)) with ddgan.md's log m (not 1 - sigma^2, which cancels)
     doc = torch.exp(2 * (-0.25 * sch.t ** 2 * (20.0 - 0.1) - 0.5 * sch.t * 0.1))
     assert torch.allclose(sch.alpha_bar, doc / doc[0], rtol=1e-13, atol=0)
-    assert torch.allclose(sch.t, 1e-3 + (1 - 1e-3) * torch.arange(T + 1, dtype=F64) / T, rtol=0, atol=1e-16)
+    u = torch.arange(T + 1, dtype=F64) / T
+    assert torch.allclose(sch.t, 1e-3 + (1 - 1e-3) * u ** t_power, rtol=0, atol=1e-16)
+    # The warp moves every inner level towards the data (less noise) and keeps both ends.
+    if t_power > 1 and T > 1:
+        flat = ddgan_schedule(T)
+        assert (sch.alpha_bar[1:T] > flat.alpha_bar[1:T]).all()
+        assert sch.alpha_bar[T] == flat.alpha_bar[T]
     for i in range(1, T + 1):
         c0, c1, var = _bayes_posterior(float(sch.alpha_bar[i - 1]), float(sch.alpha[i]), float(sch.beta[i]))
         assert abs(float(sch.c0[i]) - c0) < 1e-13 and abs(float(sch.c1[i]) - c1) < 1e-13
@@ -213,6 +220,9 @@ def test_bad_inputs():
         VPSDE().beta("0.3")
     with pytest.raises(ValueError, match="DDGANSchedule.T"):
         ddgan_schedule(0)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="DDGANSchedule.t_power"):
+            ddgan_schedule(4, t_power=bad)
     with pytest.raises(ValueError, match="num_steps"):
         DDPMSchedule(1)
     sch = ddgan_schedule(4)

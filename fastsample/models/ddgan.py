@@ -54,6 +54,7 @@ class Config:
     eps: float = 1e-3               # schedule: forward time of x_0 (sec. 1)
     beta_min: float = 0.1           # schedule: VP beta(0)
     beta_max: float = 20.0          # schedule: VP beta(1)
+    t_power: float = 1.0            # schedule: t_i = eps + (1 - eps) (i / T)^t_power
     eval_samples: int = 1000        # samples drawn by Family.evaluate
     train_steps: int = 4000         # default optimiser steps (the CLI reads it)
     batch_size: int = 64            # default global batch (the CLI reads it)
@@ -88,6 +89,10 @@ class Config:
             raise ValueError(f"ddgan Config.ds_weight = {self.ds_weight!r}; must be >= 0 (0 = off)")
         if not self.ds_cap > 0:
             raise ValueError(f"ddgan Config.ds_cap = {self.ds_cap!r}; must be > 0")
+        try:  # eps, beta_min/max, t_power: the schedule's own checks, at config time
+            schedule_of(self)
+        except ValueError as e:
+            raise ValueError(f"ddgan Config: {e}") from None
 
 
 def default_config(data) -> Config:
@@ -131,7 +136,8 @@ def default_config(data) -> Config:
 
 
 def schedule_of(cfg: Config):
-    return ddgan_schedule(cfg.T, eps=cfg.eps, beta_min=cfg.beta_min, beta_max=cfg.beta_max)
+    return ddgan_schedule(cfg.T, eps=cfg.eps, beta_min=cfg.beta_min, beta_max=cfg.beta_max,
+                          t_power=cfg.t_power)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +379,8 @@ class Family:
                                "data_shape": list(self.data_shape),
                                "generator": _json_safe(gcfg.to_dict())},
                 "sde_config": {"kind": "ddgan_schedule", "T": self.cfg.T, "eps": self.cfg.eps,
-                               "beta_min": self.cfg.beta_min, "beta_max": self.cfg.beta_max}}
+                               "beta_min": self.cfg.beta_min, "beta_max": self.cfg.beta_max,
+                               "t_power": self.cfg.t_power}}
 
     def evaluate(self, ema_modules: dict) -> dict:
         """Metrics of cfg.eval_samples posterior samples from the EMA generator."""

@@ -277,7 +277,9 @@ class _DiscreteMethods:
 class DDGANSchedule(_DiscreteMethods):
     """DDGAN's T-step discretisation of the linear VP-SDE (ddgan.md sec. 1).
 
-    t[i] = eps + (1 - eps) i / T for i = 0..T. alpha_bar[0] = 1 (x_0 is the clean data) and, for
+    t[i] = eps + (1 - eps) (i / T)^t_power for i = 0..T (t_power = 1: ddgan.md's uniform grid;
+    > 1 moves the steps towards the data, so the last step starts from a less noisy x_1).
+    alpha_bar[0] = 1 (x_0 is the clean data) and, for
     i >= 1, alpha_bar[i] = (1 - sigma^2(t_i)) / (1 - sigma^2(t_0)). This is ddgan.md's
     1 - sigma^2(t_i) renormalised by 1 - sigma^2(eps) (~1 - 1e-4), so that alpha_bar is exactly the
     product of the per-step alphas and q(x_i | x_0) agrees with the chain of q(x_j | x_{j-1});
@@ -290,14 +292,24 @@ class DDGANSchedule(_DiscreteMethods):
     eps: float = 1e-3       # forward time of the least-noisy level x_0
     beta_min: float = 0.1   # VP-SDE beta(0)
     beta_max: float = 20.0  # VP-SDE beta(1)
+    t_power: float = 1.0    # grid warp: t_i = eps + (1 - eps) (i / T)^t_power
 
     def __post_init__(self):
         if isinstance(self.T, bool) or not isinstance(self.T, int) or self.T < 1:
             raise ValueError(f"DDGANSchedule.T: must be an int >= 1, got {self.T!r}")
+        if isinstance(self.t_power, bool) or not isinstance(self.t_power, (int, float)) \
+                or not 0 < self.t_power < math.inf:
+            raise ValueError(f"DDGANSchedule.t_power: must be a finite number > 0, "
+                             f"got {self.t_power!r}")
         if not (isinstance(self.eps, (int, float)) and 0 <= self.eps < 1):
             raise ValueError(f"DDGANSchedule.eps: must lie in [0, 1), got {self.eps!r}")
         sde = VPSDE(self.beta_min, self.beta_max, 1.0)
-        t = self.eps + (1.0 - self.eps) * torch.arange(self.T + 1, dtype=F64) / self.T
+        if self.t_power == 1:
+            # The expression every released checkpoint's tables were built with, bit for bit.
+            t = self.eps + (1.0 - self.eps) * torch.arange(self.T + 1, dtype=F64) / self.T
+        else:
+            u = torch.arange(self.T + 1, dtype=F64) / self.T
+            t = self.eps + (1.0 - self.eps) * u ** float(self.t_power)
         # log(1 - sigma^2(t)) = -B(t), so the renormalised alpha_bar is exp(-(B(t_i) - B(t_0))).
         alpha_bar = torch.exp(-(sde.int_beta(t) - sde.int_beta(t[0])))
         object.__setattr__(self, "t", t)
@@ -307,9 +319,9 @@ class DDGANSchedule(_DiscreteMethods):
 
 
 def ddgan_schedule(T: int, eps: float = 1e-3, beta_min: float = 0.1,
-                   beta_max: float = 20.0) -> DDGANSchedule:
+                   beta_max: float = 20.0, t_power: float = 1.0) -> DDGANSchedule:
     """DDGAN schedule with T steps (ddgan.md sec. 1); see DDGANSchedule."""
-    return DDGANSchedule(T=T, eps=eps, beta_min=beta_min, beta_max=beta_max)
+    return DDGANSchedule(T=T, eps=eps, beta_min=beta_min, beta_max=beta_max, t_power=t_power)
 
 
 @dataclass(frozen=True, eq=False)
