@@ -311,6 +311,33 @@ def class_coverage(samples, min_share: float = MIN_CLASS_SHARE,
     return {"classes_hit": int((p >= min_share).sum()), "kl_uniform": kl}
 
 
+def class_mix_split(samples, ref="train", seed: int = 0,
+                    classifier_path: str | Path | None = None) -> dict:
+    """Splits FD into a class-mix part and a within-class part: the predicted class shares of
+    `samples` and of `ref`, kl_ref = KL(p_samples || p_ref) in nats, and fd_balanced, the FD of
+    the samples resampled (with replacement, seeded) to ref's class shares. fd - fd_balanced is
+    what the class mix alone costs; a GAN that gets every digit right but the proportions wrong
+    shows fd_balanced << fd. Resampling repeats samples, which adds a little FD of its own."""
+    x = check_digits(samples)
+    y = _reference_images(ref)
+    pred = predict_classes(x, classifier_path)
+    p = torch.bincount(pred, minlength=NUM_CLASSES).double() / len(pred)
+    q = torch.bincount(predict_classes(y, classifier_path), minlength=NUM_CLASSES).double() / len(y)
+    if bool((p == 0).any()):
+        missing = (p == 0).nonzero()[:, 0].tolist()
+        raise ValueError(f"class_mix_split: no sample is classified as {missing}; a balanced "
+                         f"resample needs every class (see class_coverage)")
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.round(q * len(x)).long()
+    rows = [torch.nonzero(pred == c)[:, 0] for c in range(NUM_CLASSES)]
+    idx = torch.cat([r[torch.randint(len(r), (int(k),), generator=g)] for r, k in zip(rows, counts)])
+    nz = p > 0
+    kl = float((p[nz] * torch.log(p[nz] / q[nz].clamp(min=1e-12))).sum())
+    return {"class_shares": p.tolist(), "ref_shares": q.tolist(), "kl_ref": kl,
+            "fd": frechet_distance(x, ref, classifier_path),
+            "fd_balanced": frechet_distance(x[idx], ref, classifier_path)}
+
+
 @torch.no_grad()
 def digits_features(samples, classifier_path: str | Path | None = None) -> np.ndarray:
     x = check_digits(samples)

@@ -167,6 +167,28 @@ def test_sliced_wasserstein_closed_form():
     assert same < 0.1
 
 
+def test_class_mix_split_separates_proportions_from_shapes(train_split):
+    pred = M.predict_classes(train_split.x)
+    # Real train digits with two thirds of the 8s dropped: every image is real, only the class
+    # mix is off, so resampling to the train shares must remove most of the FD.
+    keep = (pred != 8) | (torch.arange(len(pred)) % 3 == 0)
+    x = train_split.x[keep]
+    out = M.class_mix_split(x, "train", seed=0)
+    p = torch.bincount(pred[keep], minlength=10).double() / int(keep.sum())
+    q = torch.bincount(pred, minlength=10).double() / len(pred)
+    assert out["class_shares"] == pytest.approx(p.tolist(), abs=1e-12)
+    assert out["ref_shares"] == pytest.approx(q.tolist(), abs=1e-12)
+    assert out["kl_ref"] == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-10)
+    assert out["fd"] == pytest.approx(M.frechet_distance(x), rel=1e-9)
+    assert out["fd_balanced"] < 0.5 * out["fd"], out
+    # The reference itself: no class-mix error at all.
+    same = M.class_mix_split(train_split.x, "train", seed=0)
+    assert same["kl_ref"] == pytest.approx(0.0, abs=1e-12) and same["fd"] < 1e-3
+    one = train_split.x[pred == 3][:50]
+    with pytest.raises(ValueError, match=r"no sample is classified as \[0, 1, 2, 4"):
+        M.class_mix_split(one)
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluate and calibration order
 
