@@ -331,8 +331,7 @@ def class_mix_split(samples, ref="train", seed: int = 0,
     counts = torch.round(q * len(x)).long()
     rows = [torch.nonzero(pred == c)[:, 0] for c in range(NUM_CLASSES)]
     idx = torch.cat([r[torch.randint(len(r), (int(k),), generator=g)] for r, k in zip(rows, counts)])
-    nz = p > 0
-    kl = float((p[nz] * torch.log(p[nz] / q[nz].clamp(min=1e-12))).sum())
+    kl = float((p * torch.log(p / q.clamp(min=1e-12))).sum())   # every p_c > 0 here
     return {"class_shares": p.tolist(), "ref_shares": q.tolist(), "kl_ref": kl,
             "fd": frechet_distance(x, ref, classifier_path),
             "fd_balanced": frechet_distance(x[idx], ref, classifier_path)}
