@@ -298,14 +298,18 @@ def predict_classes(samples, classifier_path: str | Path | None = None) -> torch
     return load_classifier(classifier_path)(x).argmax(1)
 
 
+def _class_shares(pred: torch.Tensor) -> torch.Tensor:
+    """Share of each of the NUM_CLASSES classes among predicted labels, float64."""
+    return torch.bincount(pred, minlength=NUM_CLASSES).double() / len(pred)
+
+
 def class_coverage(samples, min_share: float = MIN_CLASS_SHARE,
                    classifier_path: str | Path | None = None) -> dict:
     """Histogram of predicted classes: {"classes_hit": classes with share >= min_share (0..10),
     "kl_uniform": KL(p || uniform) = sum_c p_c log(10 p_c) in nats (0 = balanced, log 10 = one class)}."""
     if not 0.0 < min_share <= 1.0:
         raise ValueError(f"min_share must be in (0, 1], got {min_share!r}")
-    pred = predict_classes(samples, classifier_path)
-    p = torch.bincount(pred, minlength=NUM_CLASSES).double() / len(pred)
+    p = _class_shares(predict_classes(samples, classifier_path))
     nz = p[p > 0]
     kl = float((nz * torch.log(nz * NUM_CLASSES)).sum())
     return {"classes_hit": int((p >= min_share).sum()), "kl_uniform": kl}
@@ -321,8 +325,8 @@ def class_mix_split(samples, ref="train", seed: int = 0,
     x = check_digits(samples)
     y = _reference_images(ref)
     pred = predict_classes(x, classifier_path)
-    p = torch.bincount(pred, minlength=NUM_CLASSES).double() / len(pred)
-    q = torch.bincount(predict_classes(y, classifier_path), minlength=NUM_CLASSES).double() / len(y)
+    p = _class_shares(pred)
+    q = _class_shares(predict_classes(y, classifier_path))
     if bool((p == 0).any()):
         missing = (p == 0).nonzero()[:, 0].tolist()
         raise ValueError(f"class_mix_split: no sample is classified as {missing}; a balanced "
