@@ -338,3 +338,100 @@ def test_z_usage_matches_closed_forms():
     assert two[-1]["posterior_var"] == pytest.approx((b - a).pow(2).sum().item() / 4, rel=0.02)
     assert two[0]["posterior_var"] < 1e-3          # i = 1: the two points are told apart
     assert all(r["generator_var"] == pytest.approx(64 * 0.25, rel=0.15) for r in two)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditional groups (cond_group): reals from the training set's exact p(x_{i-1} | x_i).
+
+class _Ctx:
+    """The draws a Family step takes from the loop's StepContext, from one generator."""
+
+    def __init__(self, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def randn(self, *shape):
+        return torch.randn(shape, generator=self.g)
+
+    def rand(self, *shape):
+        return torch.rand(shape, generator=self.g)
+
+    def randint(self, high, *shape):
+        return torch.randint(high, shape, generator=self.g)
+
+
+def test_posterior_log_weights_are_bayes_rule():
+    g = torch.Generator().manual_seed(0)
+    centres, x_i = torch.randn(3, 1, 2, 2, generator=g), torch.randn(4, 1, 2, 2, generator=g)
+    sqrt_ab = torch.tensor([0.99, 0.7, 0.3, 0.05])
+    for var_u in (0.0, 0.02):
+        w = torch.softmax(ddgan.posterior_log_weights(x_i, sqrt_ab, centres, var_u), dim=1)
+        sab, c, x = sqrt_ab.double(), centres.flatten(1).double(), x_i.flatten(1).double()
+        var = 1 - sab ** 2 + sab ** 2 * var_u
+        ref = torch.stack([torch.distributions.Normal(sab[m] * c, var[m].sqrt()).log_prob(x[m])
+                           .sum(1) for m in range(4)])
+        torch.testing.assert_close(w, torch.softmax(ref, dim=1))
+
+
+def test_sample_rows_follows_the_weights():
+    p = torch.tensor([[0.2, 0.5, 0.3], [0.0, 1.0, 0.0]])
+    logw = p.log()
+    # Inverse CDF at chosen points (the bin edges of row 0 are 0.2 and 0.7).
+    u = torch.tensor([[0.0, 0.19, 0.21, 0.71], [0.0, 0.3, 0.6, 0.999999]])
+    assert ddgan.sample_rows(logw, u).tolist() == [[0, 0, 1, 2], [1, 1, 1, 1]]
+    idx = ddgan.sample_rows(logw, torch.rand(2, 40000, generator=torch.Generator().manual_seed(1)))
+    freq = torch.stack([torch.bincount(r, minlength=3) for r in idx]).double() / 40000
+    torch.testing.assert_close(freq, p.double(), atol=0.01, rtol=0)
+
+
+def test_grouped_real_rows_are_draws_of_the_real_pair():
+    """Every row of a group is a draw of the usual real pair: the extra rows' x_{i-1} has the
+    anchors' distribution at each step, a group shares x_i and i, and at i = 1 (no posterior
+    noise) every extra x_0 is a dequantised training row. Two training images (all 0 and all
+    8/16) make p(x_0 | x_i) a point mass at i = 1 and a real mixture at i = 2, 3."""
+    two = Dataset(name="digits", kind="image",
+                  x=torch.stack([torch.zeros(1, 8, 8), torch.full((1, 8, 8), 0.5)]),
+                  labels=torch.tensor([0, 1]), split="train")
+    cfg = dataclasses.replace(ddgan.default_config(two), cond_group=4)
+    fam, ctx = ddgan.Family(two, cfg), _Ctx(0)
+    N = 4 * 4000
+    x0 = ddgan.to_model(dequantize_digits(two.x[torch.randint(2, (N,), generator=ctx.g)],
+                                          ctx.g), "image")
+    x_prev, x_i, i = fam._grouped_real(ctx, x0)
+    assert x_prev.shape == x_i.shape == (N, 1, 8, 8) and i.shape == (N,)
+    assert torch.equal(i, i.sort().values)
+    assert torch.equal(x_i.view(-1, 4, 64), x_i.view(-1, 4, 64)[:, :1].expand(-1, 4, -1))
+    assert torch.equal(i.view(-1, 4), i.view(-1, 4)[:, :1].expand(-1, 4))
+    s = x_prev.flatten(1).mean(1).view(-1, 4)       # per-row mean pixel, (groups, K)
+    ig = i.view(-1, 4)[:, 0]
+    for step in range(1, 5):
+        a, e = s[ig == step, 0], s[ig == step, 1:].flatten()
+        se = (a.var() / len(a) + e.var() / len(e)).sqrt()
+        assert abs(float(a.mean() - e.mean())) < 5 * float(se), step
+        assert float(e.var() / a.var()) == pytest.approx(1.0, abs=0.12), step
+    ones = x_prev.view(-1, 4, 64)[ig == 1, 1:]      # model space: -1 + 2 y, y in one bin
+    y = (ones + 1) / 2
+    level = torch.floor(y * 17)
+    assert torch.all((level == 0) | (level == 8))
+    assert torch.all(level == level[..., :1])       # one training row per sample
+    # Control: at i = 3 the posterior is a mixture, so a group holds both images' draws.
+    mix = s[ig == 3, 1:]
+    assert float(mix.std(1).mean()) > 0.05
+
+
+def test_cond_group_config_and_training_smoke(small_digits, tmp_path):
+    with pytest.raises(ValueError, match=r"cond_group = 1; must be 0 \(off\) or an int >= 2"):
+        ddgan.Config(cond_group=1)
+    with pytest.raises(ValueError, match="disc_mbstd = 4"):
+        ddgan.Config(cond_group=4, disc_mbstd=0)
+    with pytest.raises(ValueError, match="not a multiple of cond_group"):
+        ddgan.Config(cond_group=4, disc_mbstd=4, batch_size=62)
+    with pytest.raises(ValueError, match="arch 'unet'"):
+        ddgan.Config(cond_group=2, disc_mbstd=2, arch="mlp")
+    cfg = make_config("ddgan", small_digits, {"cond_group": "4", "base_ch": "16",
+                                              "disc_base_ch": "16"})
+    log = _train(small_digits, tmp_path / "ok", steps=2, cfg=cfg, batch=8)
+    assert all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in log)
+    _, card = load_model(tmp_path / "ok" / "ddgan.safetensors")
+    assert card.net_config["config"]["cond_group"] == 4
+    with pytest.raises(ValueError, match=r"batch on this process \(6\) is not a multiple"):
+        _train(small_digits, tmp_path / "bad", steps=1, cfg=cfg, batch=6)

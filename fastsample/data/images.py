@@ -80,13 +80,15 @@ def load_digits(split: str = "train", seed: int = 0) -> Dataset:
     return Dataset(name="digits", kind="image", x=x, labels=torch.from_numpy(labels), split=split)
 
 
-def dequantize_digits(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform dequantisation of digits: y = (16 x + u) / 17, u ~ U[0,1).
+def dequantize_digits(x: torch.Tensor, generator: torch.Generator | None = None,
+                      u: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniform dequantisation of digits: y = (16 x + u) / 17, u ~ U[0,1) (drawn here unless given).
 
     A pixel at level k = 16 x fills its own bin [k/17, (k+1)/17), so y stays in [0, 1) and the
     17 bins tile [0,1) without overlap; `quantize_digits` is the exact inverse of the binning.
     """
-    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if u is None:
+        u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     return ((DIGITS_LEVELS - 1) * x + u) / DIGITS_LEVELS
 
 

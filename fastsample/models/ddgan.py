@@ -21,6 +21,8 @@ from torch import nn
 
 from fastsample.nets import (Discriminator, DiscriminatorConfig, MLPConfig, TimeMLP, UNet,
                              UNetConfig)
+from fastsample.data import dequantize_digits
+from fastsample.data.images import DIGITS_LEVELS
 from fastsample.sde import ddgan_schedule
 
 SAMPLERS = ("posterior",)
@@ -40,6 +42,7 @@ class Config:
     disc_base_ch: int = 32          # image discriminator channels at the first level
     disc_ch_mult: tuple = (1, 2, 2) # image discriminator channel multipliers (8 -> 4 -> 2)
     disc_mbstd: int = 0             # image D: minibatch-std group size (0 = off)
+    cond_group: int = 0             # image D: groups of this many pairs share x_i (0 = off; = disc_mbstd)
     hidden: int = 128               # MLP width (G and D, 2D only)
     num_layers: int = 4             # MLP hidden layers (G and D, 2D only)
     lr_g: float = 1.6e-4            # generator Adam lr (sec. 3)
@@ -81,6 +84,19 @@ class Config:
         if isinstance(self.disc_mbstd, bool) or not isinstance(self.disc_mbstd, int) \
                 or self.disc_mbstd < 0:
             raise ValueError(f"ddgan Config.disc_mbstd = {self.disc_mbstd!r}; must be an int >= 0")
+        if isinstance(self.cond_group, bool) or not isinstance(self.cond_group, int) \
+                or self.cond_group < 0 or self.cond_group == 1:
+            raise ValueError(f"ddgan Config.cond_group = {self.cond_group!r}; must be 0 (off) or "
+                             f"an int >= 2")
+        if self.cond_group:
+            # The group is only visible to D through its minibatch-std feature.
+            if self.arch != "unet" or self.disc_mbstd != self.cond_group:
+                raise ValueError(f"ddgan Config.cond_group = {self.cond_group} needs the image D "
+                                 f"(arch 'unet') with disc_mbstd = {self.cond_group}; got arch "
+                                 f"{self.arch!r}, disc_mbstd {self.disc_mbstd}")
+            if self.batch_size % self.cond_group:
+                raise ValueError(f"ddgan Config.batch_size = {self.batch_size} is not a multiple "
+                                 f"of cond_group = {self.cond_group}")
         if not self.grad_clip >= 0:
             raise ValueError(f"ddgan Config.grad_clip = {self.grad_clip!r}; must be >= 0 (0 = off)")
         if not self.r1_gamma >= 0:
@@ -320,6 +336,53 @@ class Family:
             for g in self._opts[name].param_groups:
                 g["lr"] = lr * scale
 
+    def _real_pair(self, ctx, x0: torch.Tensor, i: torch.Tensor):
+        x_prev = (self._coef(self._sqrt_ab, i - 1, x0) * x0
+                  + self._coef(self._sqrt_1m_ab, i - 1, x0) * ctx.randn(*x0.shape))
+        x_i = (self._coef(self._sqrt_alpha, i, x0) * x_prev
+               + self._coef(self._sqrt_beta, i, x0) * ctx.randn(*x0.shape))
+        return x_prev, x_i
+
+    def _grouped_real(self, ctx, x0: torch.Tensor):
+        """Real rows in groups of K = cond_group that share one x_i: the group's first x_{i-1}
+        is the usual pair's, the other K - 1 are further draws from p(x_{i-1} | x_i) of the
+        training set (x_0 by Bayes' rule over its rows, then q(x_{i-1} | x_i, x_0)). Each row is
+        still a draw of the usual real pair, but D's minibatch std of a group now measures the
+        spread of p(x_{i-1} | x_i), which a G that ignores z cannot show."""
+        K, N = self.cfg.cond_group, x0.shape[0]
+        if N % K:
+            raise ValueError(f"ddgan: the batch on this process ({N}) is not a multiple of "
+                             f"cond_group = {K}")
+        M = N // K
+        i_g = (ctx.randint(self.cfg.T, M).cpu() + 1).sort().values
+        prev_a, xi_a = self._real_pair(ctx, x0[:M], i_g)
+        logw = posterior_log_weights(xi_a, self._sqrt_ab[i_g].to(x0.device),
+                                     *self._posterior_rows(x0.device))
+        rows = sample_rows(logw, ctx.rand(M, K - 1))                      # (M, K-1)
+        x0_k = self.data.x.to(x0.device)[rows.flatten()]
+        if self.kind == "image":  # the batch sampler dequantises images the same way
+            x0_k = dequantize_digits(x0_k, u=ctx.rand(*x0_k.shape))
+        x0_k = to_model(x0_k, self.kind).view(M, K - 1, *x0.shape[1:])
+        c = lambda table: self._coef(table, i_g, x0)[:, None]
+        prev_k = (c(self._c0) * x0_k + c(self._c1) * xi_a[:, None]
+                  + c(self._sigma_post) * ctx.randn(M, K - 1, *x0.shape[1:]))
+        x_prev = torch.cat([prev_a[:, None], prev_k], dim=1).flatten(0, 1)
+        return x_prev, xi_a.repeat_interleave(K, dim=0), i_g.repeat_interleave(K)
+
+    def _posterior_rows(self, device) -> tuple[torch.Tensor, float]:
+        """Model-space centres of the training rows and the variance of their dequantisation
+        noise there (a uniform bin of width 2/17 for images, 0 for points)."""
+        cached = getattr(self, "_rows_cache", None)
+        if cached is not None and cached[0].device == torch.device(device):
+            return cached
+        x = self.data.x.to(device=device, dtype=torch.float64)
+        if self.kind == "image":
+            x = to_model(dequantize_digits(x, u=torch.full_like(x, 0.5)), self.kind)
+            self._rows_cache = (x, (2.0 / DIGITS_LEVELS) ** 2 / 12.0)
+        else:
+            self._rows_cache = (x, 0.0)
+        return self._rows_cache
+
     def step(self, ctx, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.cfg
         self._set_lr(ctx)
@@ -327,18 +390,19 @@ class Family:
         N = x0.shape[0]
         G, D = ctx.m("generator"), ctx.m("discriminator")
 
-        # Real pair: x_{i-1} ~ q(x_{i-1} | x_0), x_i ~ q(x_i | x_{i-1}), i uniform in 1..T.
-        i = ctx.randint(c.T, N).cpu() + 1
-        if c.disc_mbstd > 1:
-            # D's minibatch-std groups are consecutive samples; sorted by i, a group mostly
-            # shares one noise level, so its std measures sample diversity at that step instead
-            # of the spread between steps. The rows are iid, so the order changes nothing else.
-            i = i.sort().values
+        if c.cond_group:
+            x_prev, x_i, i = self._grouped_real(ctx, x0)
+        else:
+            # Real pair: x_{i-1} ~ q(x_{i-1} | x_0), x_i ~ q(x_i | x_{i-1}), i uniform in 1..T.
+            i = ctx.randint(c.T, N).cpu() + 1
+            if c.disc_mbstd > 1:
+                # D's minibatch-std groups are consecutive samples; sorted by i, a group mostly
+                # shares one noise level, so its std measures sample diversity at that step
+                # instead of the spread between steps. The rows are iid: the order changes
+                # nothing else.
+                i = i.sort().values
+            x_prev, x_i = self._real_pair(ctx, x0, i)
         t = i.to(device=x0.device, dtype=torch.float32)
-        x_prev = (self._coef(self._sqrt_ab, i - 1, x0) * x0
-                  + self._coef(self._sqrt_1m_ab, i - 1, x0) * ctx.randn(*x0.shape))
-        x_i = (self._coef(self._sqrt_alpha, i, x0) * x_prev
-               + self._coef(self._sqrt_beta, i, x0) * ctx.randn(*x0.shape))
 
         # Fake pair: x_0' = G(x_i, z, i), x'_{i-1} ~ q(x_{i-1} | x_i, x_0').
         z = ctx.randn(N, c.z_dim)
@@ -445,6 +509,29 @@ def z_usage(model: "Model", x0: torch.Tensor, ref: torch.Tensor, draws: int = 16
     return rows
 
 
+def posterior_log_weights(x_i: torch.Tensor, sqrt_ab: torch.Tensor, centres: torch.Tensor,
+                          var_u: float = 0.0) -> torch.Tensor:
+    """log p(row j | x_i) up to a per-row constant, for data = the rows `centres` (R, ...) each
+    spread by independent noise of variance var_u per element: x_i = sqrt_ab c_j + noise of
+    variance 1 - ab + ab var_u (exact for var_u = 0; for dequantised digits var_u is a uniform
+    bin's, whose Gaussian stand-in is off by < 0.1% of the variance at alpha_bar 0.52).
+    x_i (M, ...), sqrt_ab (M,) -> (M, R) float64."""
+    ab = sqrt_ab.double() ** 2
+    var = 1.0 - ab + ab * var_u
+    d2 = torch.cdist(x_i.flatten(1).double()[:, None], (sqrt_ab.double()[:, None, None]
+                                                         * centres.flatten(1).double()[None]))
+    return -d2[:, 0].pow(2) / (2.0 * var[:, None])
+
+
+def sample_rows(logw: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Row indices from the categorical softmax(logw) (M, R), by the inverse CDF at the
+    uniforms u (M, K): (M, K) int64."""
+    cdf = torch.softmax(logw.double(), dim=1).cumsum(dim=1)
+    # right=True: the first j with cdf_j > u, so a zero-weight row is never drawn, not even at u = 0.
+    idx = torch.searchsorted(cdf, u.double().to(cdf.device), right=True)
+    return idx.clamp(max=logw.shape[1] - 1)  # u above a rounded cdf[-1] < 1
+
+
 def grid25_modes(x: torch.Tensor, min_share: float = 0.2) -> dict:
     """grid25 mode coverage by the nearest-mean rule: every sample belongs to its nearest mean; a
     mode is hit when it holds at least min_share of the uniform share 1/25 of the samples.
@@ -463,4 +550,5 @@ def _json_safe(d: dict) -> dict:
 
 
 __all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS", "grid25_modes", "z_usage",
+           "posterior_log_weights", "sample_rows",
            "generator_config", "build_generator", "build_discriminator", "schedule_of"]
