@@ -151,7 +151,12 @@ def default_config(data) -> Config:
     both training seeds (11.7 / 11.9 vs 12.7 / 15.3 over sampler seeds 0-5; DDIM-50: 6.6), but
     it is not the default: its plain FD, the bar's metric, is no better. A 4x wider D
     (disc_base_ch 64, 1.3 M parameters, ~1.5x the step time): FD 14.7 (seed 0, balanced 13.6)
-    and 39.1 (seed 1, its class mix off: KL 0.030), not kept.
+    and 39.1 (seed 1, its class mix off: KL 0.030), not kept. cond_group 4 (D's minibatch-std
+    groups share one x_i and hold extra reals from the training set's exact p(x_{i-1} | x_i))
+    does what it is for: G's z-spread goes from 0.5% of the posterior's variance (release) to
+    89-95% at i = 1 (z_usage), but FD gets worse: 20.8 / 28.3 on training seeds 0 / 1 (balanced
+    13.1 / 16.6, class KL 0.012 / 0.017; sampler seeds 0-5), not kept. A G that samples the
+    true conditional spread is not a better G here: what limits FD is the fidelity of each draw.
     2D points: MLPs, batch 256, higher lrs (at ddgan.md's lrs the MLP critic learns too slowly
     and G collapses to a line); 4000 steps ~ 1.5 min at ~45 it/s, all 25 grid25 modes by
     step 2000."""
