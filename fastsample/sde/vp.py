@@ -279,7 +279,8 @@ class DDGANSchedule(_DiscreteMethods):
 
     t[i] = eps + (1 - eps) (i / T)^t_power for i = 0..T (t_power = 1: ddgan.md's uniform grid;
     > 1 moves the steps towards the data, so the last step starts from a less noisy x_1).
-    alpha_bar[0] = 1 (x_0 is the clean data) and, for i >= 1, alpha_bar[i] = (1 - sigma^2(t_i)) / (1 - sigma^2(t_0)). This is ddgan.md's
+    alpha_bar[0] = 1 (x_0 is the clean data) and, for i >= 1,
+    alpha_bar[i] = (1 - sigma^2(t_i)) / (1 - sigma^2(t_0)). This is ddgan.md's
     1 - sigma^2(t_i) renormalised by 1 - sigma^2(eps) (~1 - 1e-4), so that alpha_bar is exactly the
     product of the per-step alphas and q(x_i | x_0) agrees with the chain of q(x_j | x_{j-1});
     the per-step alpha_i = alpha_bar_i / alpha_bar_{i-1} for i >= 2 are exactly the doc's.
