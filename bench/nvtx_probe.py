@@ -7,7 +7,7 @@ inside the fastsample ranges "run" > "step k" > "net". Run under ncu by bench/gp
 
 import torch
 
-from fastsample.cli import released_checkpoint
+from fastsample.models.registry import released_checkpoint
 from fastsample.runtime import Engine
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastsample.cli import released_checkpoint
+from fastsample.models.registry import released_checkpoint
 
 ARTIFACTS = {"ddgan-generator": ("ddgan", "generator"), "ddgan-sampler": ("ddgan", "sampler"),
              "cld-score": ("cld", "score"), "lsgm-decoder": ("lsgm", "decoder"),

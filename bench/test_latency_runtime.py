@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastsample.cli import released_checkpoint
+from fastsample.models.registry import released_checkpoint
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

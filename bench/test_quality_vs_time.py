@@ -54,8 +54,8 @@ def test_quality_vs_time(benchmark, case):
     model, card = load_model(path, device=device)
     mod = importlib.import_module(f"fastsample.samplers.{fam}")
     if steps is None:
-        from fastsample.cli import default_steps
-        steps = default_steps(fam, sampler, model)
+        from fastsample.models import get
+        steps = get(fam).default_steps(model, sampler)
     out = {}
 
     def run():

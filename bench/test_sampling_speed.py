@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastsample.cli import released_checkpoint
+from fastsample.models.registry import released_checkpoint
 
 CASES = [("cld", "sscs", 50, {"schedule": "quadratic"}), ("ddgan", "posterior", None, {})]
 CUDA = torch.cuda.is_available()
@@ -47,8 +47,8 @@ def test_sampling_speed(benchmark, checkpoints, monkeypatch, case, batch, kernel
     model, _ = load_model(checkpoints[fam], device=device)
     mod = importlib.import_module(f"fastsample.samplers.{fam}")
     if steps is None:
-        from fastsample.cli import default_steps
-        steps = default_steps(fam, sampler, model)
+        from fastsample.models import get
+        steps = get(fam).default_steps(model, sampler)
     nfe_box = {}
 
     def run():

@@ -57,8 +57,8 @@ def _train_args(sp: argparse.ArgumentParser) -> None:
     sp.epilog = ("Family hyper-parameters (learning rates, T for ddgan, net width...) are fields "
                  "of the family's Config; see them with --dry-run and change them with --set "
                  "KEY=VALUE. Distributed: torchrun --nproc_per_node=2 -m fastsample train ...")
-    sp.add_argument("--model", required=True, choices=("ddgan", "cld", "lsgm", "ddpm"),
-                    help="model family")
+    from fastsample.models.registry import FAMILIES
+    sp.add_argument("--model", required=True, choices=FAMILIES, help="model family")
     sp.add_argument("--data", required=True, metavar="SPEC",
                     help="digits | toy2d:NAME | npz:PATH | folder:PATH")
     sp.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -78,7 +78,8 @@ def _train_args(sp: argparse.ArgumentParser) -> None:
                     help="stop cleanly after this much training time (0 = no limit)")
     sp.add_argument("--resume", action="store_true",
                     help="continue from DIR/<model>.state.pt if present")
-    sp.add_argument("--T", type=int, default=None, help="ddgan: number of denoising steps")
+    sp.add_argument("--T", type=int, default=None,
+                    help="the family Config's T (ddgan: number of denoising steps)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field of the family Config (repeatable)")
     sp.add_argument("--resolution", type=int, default=None,
@@ -88,13 +89,30 @@ def _train_args(sp: argparse.ArgumentParser) -> None:
                     help="print the resolved configuration and exit")
 
 
+def _sampler_listing() -> str:
+    """Per family: its samplers with their default steps, and the default fast sampler."""
+    from fastsample.models.registry import REGISTRY
+    lines = []
+    for e in REGISTRY.values():
+        names = []
+        for name, s in e.sampling.samplers.items():
+            steps = ("adaptive" if not s.plan else
+                     f"{s.steps} steps" if s.steps is not None else "its trained T")
+            names.append(f"{name} ({steps})")
+        sampler, opts = e.default
+        extra = "".join(f" --{k} {v}" for k, v in opts.items())
+        lines.append(f"{e.name}: {', '.join(names)}; default {sampler}{extra}")
+    return "; ".join(lines)
+
+
 def _sample_args(sp: argparse.ArgumentParser) -> None:
     sp.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    sp.epilog = ("Samplers: ddgan posterior; cld sscs, em, ode; lsgm ode, em; "
-                 "ddpm ancestral, ddim, em, ode. The npz holds `samples` (float32, data space), "
-                 "`nfe` (network evaluations per sample, counted) and `seconds` (wall time).")
+    sp.epilog = ("Samplers by family -- " + _sampler_listing() + ". The npz holds `samples` "
+                 "(float32, data space), `nfe` (network evaluations per sample, counted) and "
+                 "`seconds` (wall time).")
     sp.add_argument("checkpoint", metavar="CKPT", help="a .safetensors checkpoint")
-    sp.add_argument("--sampler", required=True, help="sampler name (see below)")
+    sp.add_argument("--sampler", default=None,
+                    help="sampler name (default: the family's fast sampler, see below)")
     sp.add_argument("--steps", type=int, default=None,
                     help="steps / NFE budget (default: the sampler's; ddgan: its trained T)")
     sp.add_argument("--num", type=int, default=64, help="number of samples")
@@ -129,13 +147,13 @@ def _eval_args(sp: argparse.ArgumentParser) -> None:
 
 
 def cmd_sample(ns: argparse.Namespace) -> int:
-    import importlib
     import time
 
     import numpy as np
 
+    from fastsample import samplers
     from fastsample.io import atomic_save_npz
-    from fastsample.models import load_model
+    from fastsample.models import get, load_model
 
     if ns.num < 1:
         raise ValueError(f"--num must be >= 1, got {ns.num}")
@@ -144,14 +162,15 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     if not ns.out.endswith(".npz"):
         raise ValueError(f"--out must name a .npz file, got {ns.out!r}")
     model, card = load_model(ns.checkpoint, device=ns.device)
+    entry = get(card.family)
     is_image = card.dataset != "" and not card.dataset.startswith("toy2d:")
     if ns.grid_cols is not None and not is_image:
         raise ValueError(f"--grid-cols applies to image samples; {ns.checkpoint} is a 2D "
                          f"({card.dataset}) model")
-    mod = importlib.import_module(f"fastsample.samplers.{card.family}")
     opts = {k: getattr(ns, k) for k in ("schedule", "rtol", "atol") if getattr(ns, k) is not None}
-    if ns.steps is None:
-        ns.steps = default_steps(card.family, ns.sampler, model)
+    if ns.sampler is None:
+        ns.sampler, defaults = entry.default
+        opts = {**defaults, **opts}
     # Batches of at most 500 give the progress bar something to count on long runs.
     batch = ns.batch if ns.batch is not None else min(ns.num, 500)
     if ns.engine:
@@ -160,13 +179,15 @@ def cmd_sample(ns: argparse.Namespace) -> int:
         if ns.dtype != "fp32":
             raise ValueError("--dtype applies to --engine sampling only")
         t0 = time.perf_counter()
-        samples, nfe = mod.sample(model, ns.sampler, ns.steps, ns.num, ns.seed, ns.device,
-                                  batch=batch, progress=True, **opts)
+        samples, nfe = samplers.sample(entry.sampling, model, ns.sampler, ns.steps, ns.num,
+                                       ns.seed, ns.device, batch=batch, progress=True, **opts)
         seconds = time.perf_counter() - t0
     arr = samples.detach().float().cpu().numpy()
-    atomic_save_npz(ns.out, samples=arr, nfe=np.int64(nfe), seconds=np.float64(seconds),
-                    sampler=np.str_(ns.sampler), family=np.str_(card.family),
-                    dataset=np.str_(card.dataset), seed=np.int64(ns.seed))
+    atomic_save_npz(ns.out, samples=arr,
+                    nfe=np.int64(nfe) if isinstance(nfe, int) else np.float64(nfe),
+                    seconds=np.float64(seconds), sampler=np.str_(ns.sampler),
+                    family=np.str_(card.family), dataset=np.str_(card.dataset),
+                    seed=np.int64(ns.seed))
     if ns.png:
         from fastsample.io import save_png
         save_png(ns.png, arr, cols=ns.grid_cols)
@@ -175,35 +196,26 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     return 0
 
 
-def engine_seed(seed: int, j: int) -> int:
-    """The seed of request j of an --engine run: the run's seed for j = 0, else a SplitMix64
-    mix of (seed, j), so runs with neighbouring seeds do not share batches."""
-    if j == 0:
-        return seed
-    from fastsample.kernels.affine import _splitmix64
-    return _splitmix64((seed << 24) + j) % (1 << 63)
-
-
 def _sample_engine(model, card, ns, batch: int, opts: dict):
     import time
 
     import torch
 
     from fastsample.runtime import Engine
+    from fastsample.runtime.engine import request_seed
     from fastsample.samplers import batch_starts
 
     if opts.get("rtol") is not None or opts.get("atol") is not None:
         raise ValueError("--engine runs fixed-step samplers; --rtol/--atol do not apply")
     kw = {"schedule": opts["schedule"]} if "schedule" in opts else {}
-    steps = None if card.family == "lsgm" else ns.steps
     t0 = time.perf_counter()
-    engine = Engine(model, ns.sampler, steps, batch=batch, dtype=ns.dtype, device=ns.device,
+    engine = Engine(model, ns.sampler, ns.steps, batch=batch, dtype=ns.dtype, device=ns.device,
                     **kw)
     print(f"engine: {engine} built in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     outs = []
     t0 = time.perf_counter()
     for j, s in enumerate(batch_starts(ns.num, batch, True, f"{card.family} engine")):
-        outs.append(engine.sample(engine_seed(ns.seed, j))[:ns.num - s])
+        outs.append(engine.sample(request_seed(ns.seed, j))[:ns.num - s])
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     return torch.cat(outs), engine.nfe, time.perf_counter() - t0
@@ -228,58 +240,37 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
-# Default step budgets when --steps is not given (ode samplers are adaptive: steps is ignored).
-DEFAULT_STEPS = {("cld", "sscs"): 50, ("cld", "em"): 50, ("lsgm", "em"): 100,
-                 ("ddpm", "ancestral"): 1000, ("ddpm", "ddim"): 50, ("ddpm", "em"): 1000}
-
-
-def default_steps(family: str, sampler: str, model) -> int:
-    if family == "ddgan":
-        return int(model.T)          # a DDGAN samples with the T it was trained for
-    return DEFAULT_STEPS.get((family, sampler), 1)
-
-
-# The fast sampler each family's demo uses, at its default budget.
-DEMO = (("ddgan", "posterior", None, {}),
-        ("cld", "sscs", 50, {"schedule": "quadratic"}),
-        ("lsgm", "ode", None, {"rtol": 1e-3, "atol": 1e-3}),
-        ("ddpm", "ddim", 50, {}))
-
-
-def released_checkpoint(family: str, dataset: str = "digits"):
-    from pathlib import Path
-    return Path(__file__).resolve().parents[1] / "checkpoints" / dataset / f"{family}.safetensors"
-
-
 def cmd_demo(ns: argparse.Namespace) -> int:
-    import importlib
     import time
     from pathlib import Path
 
     from tqdm import tqdm
 
+    from fastsample import samplers
     from fastsample.io import save_png
     from fastsample.metrics import evaluate
     from fastsample.models import load_model
+    from fastsample.models.registry import REGISTRY, released_checkpoint
 
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for fam, sampler, steps, opts in tqdm(DEMO, desc="demo", unit="family"):
-        path = released_checkpoint(fam)
+    for entry in tqdm(REGISTRY.values(), desc="demo", unit="family"):
+        sampler, opts = entry.default
+        path = released_checkpoint(entry.name)
         if not path.exists():
-            rows.append((fam, sampler, "-", "-", "-", f"no released checkpoint {path.name}"))
+            rows.append((entry.name, sampler, "-", "-", "-",
+                         f"no released checkpoint {path.name}"))
             continue
         model, card = load_model(path, device=ns.device)
-        mod = importlib.import_module(f"fastsample.samplers.{fam}")
         t0 = time.perf_counter()
-        steps = steps if steps is not None else default_steps(fam, sampler, model)
-        x, nfe = mod.sample(model, sampler, steps, ns.num, ns.seed, ns.device, **opts)
+        x, nfe = samplers.sample(entry.sampling, model, sampler, None, ns.num, ns.seed,
+                                 ns.device, **opts)
         sec = time.perf_counter() - t0
         x = x.float().cpu()
-        save_png(out / f"{fam}-{sampler}.png", x[:64].numpy(), cols=8)
+        save_png(out / f"{entry.name}-{sampler}.png", x[:64].numpy(), cols=8)
         m = evaluate(x, card.dataset)
-        rows.append((fam, sampler, str(nfe), f"{1e3 * sec / ns.num:.3f}", f"{m['fd']:.1f}",
+        rows.append((entry.name, sampler, str(nfe), f"{1e3 * sec / ns.num:.3f}", f"{m['fd']:.1f}",
                      f"{m['classes_hit']}/10 classes, C2ST {m['c2st']:.3f}"))
     head = ("family", "sampler", "NFE", "ms/sample", "FD", "notes")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
@@ -292,42 +283,27 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _p50_ms(fn, repeat: int = 30) -> tuple[float, float]:
-    """(p50, p90) wall milliseconds of fn() after 3 warm-up calls (synchronised on CUDA)."""
-    import time
-
-    import torch
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - t0))
-    times.sort()
-    return times[len(times) // 2], times[int(0.9 * (len(times) - 1))]
-
-
 def _demo_latency(ns, out) -> None:
-    """DDGAN-4 at batch 1 three ways: the eager sampler, the Engine, and the whole sampler
-    exported as one ONNX graph run by ONNX Runtime (exported once into OUT/, reused while the
-    checkpoint is unchanged)."""
+    """The first family that exports its whole sampler as one graph (DDGAN-T), at batch 1
+    three ways: the eager sampler, the Engine, and that graph run by ONNX Runtime (exported once
+    into OUT/, reused while the checkpoint is unchanged)."""
     import json
 
     import torch
 
+    from fastsample import samplers
     from fastsample.export.core import sha256
     from fastsample.models import load_model
+    from fastsample.models.registry import REGISTRY, released_checkpoint
     from fastsample.runtime import Engine
-    from fastsample.samplers import ddgan as sd
+    from fastsample.runtime.timing import latency_ms
 
-    ckpt = released_checkpoint("ddgan")
-    if not ckpt.exists():
+    entry = next((e for e in REGISTRY.values() if "sampler" in e.exports), None)
+    ckpt = released_checkpoint(entry.name) if entry is not None else None
+    if ckpt is None or not ckpt.exists():
         print(f"latency: skipped (no released checkpoint {ckpt})")
         return
-    art = out / "ddgan-sampler-onnx"
+    art = out / f"{entry.name}-sampler-onnx"
     try:
         fresh = json.loads((art / "manifest.json").read_text())["checkpoint"]["sha256"] \
             == sha256(ckpt)
@@ -335,30 +311,31 @@ def _demo_latency(ns, out) -> None:
         fresh = False
     if not fresh:
         from fastsample.export.command import main as export_main
-        print(f"exporting the DDGAN sampler to ONNX ({art}/, about a minute on 2 CPU cores) ...",
-              file=sys.stderr)
+        print(f"exporting the {entry.name} sampler to ONNX ({art}/, about a minute on 2 CPU "
+              f"cores) ...", file=sys.stderr)
         rc = export_main([str(ckpt), "--format", "onnx", "--what", "sampler", "--out", str(art),
                           "--max-batch", "64", "--device", ns.device])
         if rc != 0:
-            raise RuntimeError(f"exporting the DDGAN sampler failed (exit {rc})")
+            raise RuntimeError(f"exporting the {entry.name} sampler failed (exit {rc})")
     from fastsample.export.onnx import ort_session
     model, _ = load_model(ckpt, device=ns.device)
     sess = ort_session(art / "model.onnx", "cpu")
-    T, zd, shape = model.T, model.z_dim, model.data_shape
     g = torch.Generator().manual_seed(ns.seed)
-    feed = {"x_T": torch.randn((1, *shape), generator=g).numpy(),
-            "z": torch.randn((T, 1, zd), generator=g).numpy(),
-            "noise": torch.randn((T, 1, *shape), generator=g).numpy()}
-    engine = Engine(model, "posterior", batch=1, device=ns.device)
+    man = json.loads((art / "manifest.json").read_text())
+    feed = {t["name"]: torch.randn([1 if d == "batch" else d for d in t["shape"]],
+                                   generator=g).numpy() for t in man["inputs"]}
+    sampler, opts = entry.default
+    engine = Engine(model, sampler, batch=1, device=ns.device, **opts)
     seeds = iter(range(10**9))
     rows = [("eager (fastsample sample)",
-             _p50_ms(lambda: sd.sample(model, "posterior", T, 1, next(seeds), ns.device))),
+             latency_ms(lambda: samplers.sample(entry.sampling, model, sampler, None, 1,
+                                                next(seeds), ns.device, **opts))),
             ("Engine (" + ("one CUDA graph" if engine.graph is not None else "static buffers, "
                            "no graph on CPU") + ")",
-             _p50_ms(lambda: engine.sample(next(seeds), out=engine.out))),
-            ("ONNX Runtime, whole 4-step sampler graph (CPU)",
-             _p50_ms(lambda: sess.run(None, feed)))]
-    print(f"\nDDGAN-{T} latency at batch 1 on {ns.device} (p50 / p90 of 30 requests):")
+             latency_ms(lambda: engine.sample(next(seeds), out=engine.out))),
+            ("ONNX Runtime, whole sampler graph (CPU)", latency_ms(lambda: sess.run(None, feed)))]
+    print(f"\n{entry.name}-{engine.nfe} latency at batch 1 on {ns.device} (p50 / p90 of 30 "
+          f"requests):")
     base = rows[0][1][0]
     for name, (p50, p90) in rows:
         print(f"  {name:<48} {p50:7.2f} / {p90:7.2f} ms   {base / p50:5.2f}x eager")
@@ -380,9 +357,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
         overrides[key] = value
     if ns.T is not None:
-        if ns.model != "ddgan":
-            raise ValueError(f"--T applies to --model ddgan only, not {ns.model}")
-        overrides["T"] = ns.T
+        overrides["T"] = ns.T       # a family whose Config has no T refuses it (make_config)
     data = load_dataset(ns.data, split="train", seed=ns.seed, resolution=ns.resolution)
     mod = models.family_module(ns.model)
     cfg = models.make_config(ns.model, data, overrides)

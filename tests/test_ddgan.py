@@ -210,9 +210,9 @@ def test_sampler_errors():
         S.sample(model, "posterior", 2, 8, seed=0)
     with pytest.raises(ValueError, match="unknown sampler 'ode' for family ddgan; choose posterior"):
         S.sample(model, "ode", 4, 8, seed=0)
-    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+    with pytest.raises(ValueError, match="steps must be an int"):
         S.sample(model, "posterior", 0, 8, seed=0)
-    with pytest.raises(ValueError, match="num must be an int >= 1"):
+    with pytest.raises(ValueError, match="num must be an int"):
         S.sample(model, "posterior", 4, 0, seed=0)
     with pytest.raises(ValueError, match="takes no options"):
         S.sample(model, "posterior", 4, 8, seed=0, schedule="quadratic")

@@ -18,7 +18,7 @@ import torch
 
 from fastsample.export import core
 from fastsample.export.command import main
-from fastsample.export.schedule import Table, twin_noise
+from fastsample.samplers.plan import Table, twin_noise
 from fastsample.models import load_model
 
 MAXB = 8

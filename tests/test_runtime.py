@@ -38,6 +38,19 @@ def test_cld_engine_equals_sampler(models, name):
     assert torch.equal(e.sample(7), want) and e.nfe == nfe == 8
 
 
+@pytest.mark.parametrize("family,name,steps,opts", [
+    ("ddpm", "ddim", 6, {"schedule": "quadratic"}), ("ddpm", "ancestral", 5, {}),
+    ("ddpm", "em", 4, {}), ("lsgm", "em", 5, {}), ("cld", "sscs", None, {})])
+def test_every_plan_sampler_engine_equals_sampler(models, family, name, steps, opts):
+    """The Engine runs any family's fixed plan through the samplers' own loop: same samples."""
+    from fastsample.models import get
+    m = models[family]
+    e = Engine(m, name, steps, batch=3, **opts)
+    want, nfe = get(family).sampling and __import__(
+        f"fastsample.samplers.{family}", fromlist=["sample"]).sample(m, name, steps, 3, 4, **opts)
+    assert torch.equal(e.sample(4), want) and e.nfe == nfe
+
+
 def test_lsgm_decode_engine(models):
     m = models["lsgm"]
     e = Engine(m, "decode", batch=3)
@@ -66,7 +79,7 @@ def test_philox_noise_source(models):
     e = Engine(m, "sscs", 4, batch=256, noise="philox")
     a, a2, b = e.sample(11), e.sample(11), e.sample(12)
     assert torch.equal(a, a2) and not torch.equal(a, b)
-    x_T, v_T = e.x_T.flatten(), e.v_T.flatten() / m.cld.M ** 0.5
+    x_T, v_T = e.prior[0].flatten(), e.prior[1].flatten() / m.cld.M ** 0.5
     n = x_T.numel()
     for s in (x_T, v_T):
         # mean within 5 standard errors, variance within 5 of its standard errors (sqrt(2/n)).
@@ -207,10 +220,10 @@ def test_bad_requests(models, kw, msg):
 
 
 def test_bad_family_steps_seed(models):
-    with pytest.raises(EngineError, match="ddpm"):
-        Engine(models["ddpm"], "ancestral", 1000)
+    with pytest.raises(EngineError, match="not available for ddpm"):
+        Engine(models["ddpm"], "ode")
     with pytest.raises(EngineError, match="steps"):
-        Engine(models["cld"], "sscs", None)
+        Engine(models["cld"], "sscs", 0)
     with pytest.raises(EngineError, match=">= 2"):
         Engine(models["cld"], "sscs", 1)
     e = Engine(models["ddgan"], "posterior", batch=2)

@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+from fastsample.samplers.plan import AFFINE2_COLUMNS
+
 from fastsample import metrics
 from fastsample.data.toy2d import GaussianMixture
 from fastsample.kernels import dispatch
@@ -236,7 +238,10 @@ def test_em_coefficients_agree_between_sde_and_kernels():
     cld = CLD_DEFAULT
     for mixed in (True, False):
         for tau, h in ((0.0, 0.05), (0.7, 0.01), (0.998, 0.001)):
-            a = S._em(cld.em_step_coeffs(tau, h, mixed))
+            c = cld.em_step_coeffs(tau, h, mixed)
+            row = dict(zip(AFFINE2_COLUMNS, S.em_row(c.t, c)))
+            a = dispatch.CLDEMCoeffs(x_v=row["D_xv"], v_x=row["T_vx"], v_v=row["k_v"],
+                                     v_alpha=row["k_alpha"], noise=row["K22"])
             t = cld.T - tau
             b = dispatch.cld_em_coeffs(h, float(cld.beta(t)), cld.Minv, cld.Gamma,
                                        float(cld.ell(t)),

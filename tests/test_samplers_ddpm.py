@@ -196,9 +196,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="unknown sampler 'foo' for family ddpm; choose ancestral|ddim|em|ode"):
         S.sample(model, "foo", 10, 4, seed=0)
     for steps in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        with pytest.raises(ValueError, match="steps must be an int"):
             S.sample(model, "ddim", steps, 4, seed=0)
-    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+    with pytest.raises(ValueError, match="steps must be an int"):
         S.sample_ancestral(model, torch.zeros(2, 2), 0)
     with pytest.raises(ValueError, match="steps=1001 exceeds the 1000-step"):
         S.sample(model, "ddim", 1001, 4, seed=0)
@@ -206,7 +206,7 @@ def test_bad_inputs():
         S.sample(model, "ddim", 10, 4, seed=0, schedule="cubic")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['rtol'\]"):
         S.sample(model, "em", 10, 4, seed=0, rtol=1e-3)
-    with pytest.raises(ValueError, match="num must be an int >= 1"):
+    with pytest.raises(ValueError, match="num must be an int"):
         S.sample(model, "em", 10, 0, seed=0)
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
         S.sample(model, "em", 10, 4, seed=-1)

@@ -1,12 +1,14 @@
-"""schedule.txt (fastsample/export/schedule.py): the table round-trips through text exactly, and
+"""schedule.txt (fastsample/samplers/plan.py): the table round-trips through text exactly, and
 its Python loop (the twin of the C++ runtime) reproduces each family's sampler given the
 sampler's own noise, on the released checkpoints."""
 
 import pytest
 import torch
 
-from fastsample.export.schedule import (Table, ScheduleError, cld_table, ddgan_table, noise_draws,
+from fastsample.samplers.plan import (Table, ScheduleError, noise_draws,
                                         postprocess, run_table, twin_noise)
+from fastsample.samplers.cld import table as cld_table
+from fastsample.samplers.ddgan import table as ddgan_table
 from fastsample.models import load_model
 from fastsample.samplers import cld as sc
 from fastsample.samplers import ddgan as sd
@@ -61,7 +63,7 @@ def test_unreadable_schedule(tmp_path):
 
 
 def test_lsgm_table_reproduces_em_sampler(one_thread):
-    from fastsample.export.schedule import lsgm_table
+    from fastsample.samplers.lsgm import em_table as lsgm_table
     from fastsample.samplers import lsgm as sl
     m, _ = load_model("checkpoints/digits/lsgm.safetensors")
     tab = lsgm_table(m, 6)

@@ -10,12 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastsample.export.core import (DEFAULT_MAX_BATCH, DTYPES, FORMATS, MODEL_FILE, WHATS,
+from fastsample.export.core import (DEFAULT_MAX_BATCH, DTYPES, FORMATS, MODEL_FILE,
                                     ArtifactDir, ExportError, Timer, build_spec, check_parity,
-                                    parity_batches, progress, write_manifest)
+                                    parity_batches, progress, resolve_what, write_manifest)
 
 DEFAULT_ROOT = Path("export") / "artifacts"
-DEFAULT_WHAT = {"ddgan": "generator", "cld": "score", "lsgm": "decoder"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,9 +89,7 @@ def run(ns) -> int:
     ckpt = Path(ns.checkpoint)
     with Timer() as tm:
         card = read_card(ckpt)
-        what = ns.what or DEFAULT_WHAT.get(card.family)
-        if what is None or card.family not in WHATS or what not in WHATS[card.family]:
-            build_spec(None, card, what or "score")      # raises the family/what error
+        what = resolve_what(card.family, ns.what)
         if ns.format == "tensorrt":
             from fastsample.export.tensorrt import require_tensorrt
             require_tensorrt()

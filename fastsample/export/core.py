@@ -9,6 +9,7 @@ is run on fixed inputs and compared with eager float32 PyTorch -> manifest.json 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -16,19 +17,19 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from fastsample.export.schedule import Table, cld_table, ddgan_table, lsgm_table
+from fastsample.models import registry
+from fastsample.models.registry import ExportPart, IOTensor
 
 MANIFEST_VERSION = 1
 FORMATS = ("onnx", "aoti", "tensorrt", "triton-repo")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-WHATS = {"ddgan": ("generator", "sampler"), "cld": ("score",), "lsgm": ("decoder", "score")}
 MODEL_FILE = {"onnx": "model.onnx", "aoti": "model.pt2", "tensorrt": "model.plan"}
 DEFAULT_MAX_BATCH = 256
 PARITY_SEED = 0
@@ -56,72 +57,8 @@ def progress(stage: str, msg: str) -> None:
 
 
 #-----------------------------------------------------------------------------------------------
-# The modules exported per --what (inputs and outputs in the contract's order).
-
-class DDGANGenerator(nn.Module):
-    """(x_t, z, t) -> x0: the generator's x_0' prediction, t the float step index i."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x_t, z, t):
-        return self.model.denoise(x_t, z, t)
-
-
-class DDGANSampler(nn.Module):
-    """(x_T, z (T,N,z_dim), noise (T,N,...)) -> (x0, samples): the whole posterior loop with the
-    schedule's float64 constants baked in; the same arithmetic as schedule.run_table."""
-
-    def __init__(self, model, table: Table):
-        super().__init__()
-        self.model = model
-        self.rows = [tuple(r) for r in table.rows]
-        self.post = table.header["postprocess"][0]
-
-    def forward(self, x_T, z, noise):
-        x = x_T
-        for k, (i, c0, c1, sigma) in enumerate(self.rows):
-            t = x.new_full((x.shape[0],), i)
-            x0 = self.model.denoise(x, z[k], t)
-            x = c0 * x0 + c1 * x
-            if sigma:
-                x = x + sigma * noise[k]
-        return x, to_data(self.post, x)
-
-
-class CLDScore(nn.Module):
-    """(x, v, t) -> alpha = Model.alpha(x, v, t), t the forward time."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, v, t):
-        return self.model.alpha(x, v, t)
-
-
-class LSGMDecoder(nn.Module):
-    """z0 -> x in model space (Model.decode: the level's bin centre, argmax or rounded mean)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, z0):
-        return self.model.decode(z0)
-
-
-class LSGMScore(nn.Module):
-    """(z_t, t) -> eps = Model.eps(z_t, t), the mixed-score eps prediction."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, z_t, t):
-        return self.model.eps(z_t, t)
-
+# The modules exported per --what come from the family's registry entry (models/<family>.py
+# EXPORTS); here: the dtype wrapper every format shares.
 
 class Autocast(nn.Module):
     """fp16 / bf16 exports: the fp32 module under torch.autocast, I/O in the half type.
@@ -151,136 +88,66 @@ def for_dtype(module: nn.Module, dtype: str, device) -> nn.Module:
     return Autocast(m, DTYPES[dtype], torch.device(device).type).eval()
 
 
-def to_data(kind: str, x: torch.Tensor) -> torch.Tensor:
-    """schedule.postprocess inside a graph, in x's dtype (17 levels k/16 are exact in fp16)."""
-    if kind == "quantize17":
-        return (torch.floor((x + 1) / 2 * 17).clamp(0, 16) / 16).to(x.dtype)
-    if kind == "clamp01":
-        return ((x + 1) / 2).clamp(0, 1)
-    return x.clone()        # a graph output of its own (2D points: samples = x0)
-
-
 #-----------------------------------------------------------------------------------------------
 # Spec: one module and its I/O contract.
 
-@dataclass
-class Tensor:
-    name: str
-    shape: tuple            # ints, with the string "batch" on the dynamic axis
-    dtype: str = "float32"
-    level: float = 0.0      # > 0: a quantised output on a grid of this step (parity allows flips)
-
-    @property
-    def batch_axis(self) -> int | None:
-        return self.shape.index("batch") if "batch" in self.shape else None
-
-    def concrete(self, n: int) -> tuple:
-        return tuple(n if d == "batch" else d for d in self.shape)
-
-    def to_json(self) -> dict:
-        ax = self.batch_axis
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
-                "dynamic_axes": {} if ax is None else {str(ax): "batch"}}
+Tensor = IOTensor
 
 
 @dataclass
-class Spec:
-    family: str
-    what: str
-    module: nn.Module
-    inputs: list
-    outputs: list
-    table: Table
-    sampler: str
-    steps: int
-    draw: Callable            # draw(n, generator) -> tuple of float32 input tensors
-    inputs_doc: str           # how the parity inputs are drawn (for the manifest)
-    extra: dict = field(default_factory=dict)
-    calls: int = 1            # network evaluations in the graph (scales the parity tolerance)
+class Spec(ExportPart):
+    """An ExportPart with the family and --what it was built for."""
+    family: str = ""
+    what: str = ""
+
+
+def resolve_what(family: str, what: str | None) -> str:
+    """`--what` checked against the family's exports; None: its first (default) export."""
+    entry = registry.get(family)
+    if not entry.exports:
+        listing = "; ".join(f"{e.name} {'|'.join(e.exports)}" for e in registry.REGISTRY.values()
+                            if e.exports)
+        raise ExportError(f"{entry.name} checkpoints have nothing to export (exportable: "
+                          f"{listing})")
+    if what is None:
+        return next(iter(entry.exports))
+    if what not in entry.exports:
+        raise ExportError(f"--what {what} does not fit a {entry.name} checkpoint; a "
+                          f"{entry.name} checkpoint exports {'|'.join(entry.exports)}")
+    return what
 
 
 def build_spec(model, card, what: str, sampler: str | None = None, steps: int | None = None,
                schedule: str | None = None) -> Spec:
-    """The module and contract for `--what` of a loaded model; wrong family -> ExportError."""
-    fam = card.family
-    if fam not in WHATS:
-        raise ExportError(f"{fam} checkpoints have nothing to export (exportable: "
-                          f"ddgan generator|sampler, cld score, lsgm decoder|score)")
-    if what not in WHATS[fam]:
-        raise ExportError(f"--what {what} does not fit a {fam} checkpoint; a {fam} checkpoint "
-                          f"exports {'|'.join(WHATS[fam])}")
-    from fastsample.cli import default_steps
-    if fam == "ddgan":
-        if sampler not in (None, "posterior"):
-            raise ExportError(f"ddgan samples with 'posterior', not {sampler!r}")
-        if steps not in (None, model.T):
-            raise ExportError(f"this DDGAN checkpoint was trained with T={model.T}; --steps "
-                              f"must be {model.T}, got {steps}")
-        table, sampler, steps = ddgan_table(model), "posterior", model.T
-        shape, zd, T = tuple(model.data_shape), model.z_dim, model.T
-        if what == "generator":
-            def draw(n, g):
-                return (torch.randn(n, *shape, generator=g), torch.randn(n, zd, generator=g),
-                        torch.randint(1, T + 1, (n,), generator=g).float())
-            return Spec(fam, what, DDGANGenerator(model),
-                        [Tensor("x_t", ("batch", *shape)), Tensor("z", ("batch", zd)),
-                         Tensor("t", ("batch",))], [Tensor("x0", ("batch", *shape))],
-                        table, sampler, steps, draw,
-                        f"x_t, z ~ N(0, I); t uniform in 1..{T}")
-        level = 1 / 16 if table.header["postprocess"][0] == "quantize17" else 0.0
-
-        def draw(n, g):
-            return (torch.randn(n, *shape, generator=g), torch.randn(T, n, zd, generator=g),
-                    torch.randn(T, n, *shape, generator=g))
-        return Spec(fam, what, DDGANSampler(model, table),
-                    [Tensor("x_T", ("batch", *shape)), Tensor("z", (T, "batch", zd)),
-                     Tensor("noise", (T, "batch", *shape))],
-                    [Tensor("x0", ("batch", *shape)), Tensor("samples", ("batch", *shape),
-                                                              level=level)],
-                    table, sampler, steps, draw, "x_T, z, noise ~ N(0, I)", calls=T)
-    if fam == "cld":
-        sampler = sampler or "sscs"
-        if sampler not in ("sscs", "em"):
-            raise ExportError(f"cld sampler {sampler!r} has no fixed schedule table; "
-                              f"choose sscs|em")
-        steps = steps or default_steps(fam, sampler, model)
-        try:
-            table = cld_table(model, sampler, steps, schedule or "quadratic")
-        except ValueError as e:
-            raise ExportError(str(e)) from None
-        shape, eps = tuple(model.data_shape), model.cld.config.sampling_eps
-
-        def draw(n, g):
-            return (torch.randn(n, *shape, generator=g), torch.randn(n, *shape, generator=g),
-                    eps + (1 - eps) * torch.rand(n, generator=g))
-        return Spec(fam, what, CLDScore(model),
-                    [Tensor("x", ("batch", *shape)), Tensor("v", ("batch", *shape)),
-                     Tensor("t", ("batch",))], [Tensor("alpha", ("batch", *shape))],
-                    table, sampler, steps, draw,
-                    f"x, v ~ N(0, I); t uniform in [{eps:g}, 1]")
-    # lsgm
-    sampler = sampler or "em"
-    if sampler != "em":
-        raise ExportError(f"lsgm sampler {sampler!r} has no fixed schedule table (the ODE is "
-                          f"adaptive); choose em")
-    steps = steps or default_steps(fam, sampler, model)
-    table = lsgm_table(model, steps)
-    lat, data = tuple(model.latent_shape), tuple(table.header["data_shape"])
-    if what == "decoder":
-        K = model.vae_cfg.num_levels
-
-        def draw(n, g):
-            return (torch.randn(n, *lat, generator=g),)
-        return Spec(fam, what, LSGMDecoder(model), [Tensor("z0", ("batch", *lat))],
-                    [Tensor("x", ("batch", *data), level=2 / K)], table, sampler, steps, draw,
-                    "z0 ~ N(0, I)", {"decode": model.cfg.decode})
-
-    def draw(n, g):
-        return torch.randn(n, *lat, generator=g), torch.rand(n, generator=g)
-    return Spec(fam, what, LSGMScore(model),
-                [Tensor("z_t", ("batch", *lat)), Tensor("t", ("batch",))],
-                [Tensor("eps", ("batch", *lat))], table, sampler, steps, draw,
-                "z_t ~ N(0, I); t uniform in [0, 1]")
+    """The module and contract for `--what` of a loaded model, with the plan of `sampler` at
+    `steps` (defaults: the family's export sampler and its default budget) as schedule.txt;
+    anything that does not fit the family -> ExportError."""
+    entry = registry.get(card.family)
+    exports = entry.exports
+    what = resolve_what(entry.name, what)
+    sampler = sampler or entry.export_sampler
+    try:
+        spec = entry.sampling.sampler(sampler)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if not spec.plan:
+        raise ExportError(f"{entry.name} sampler {sampler!r} has no fixed schedule table (it is "
+                          f"adaptive); choose "
+                          f"{'|'.join(n for n, s in entry.sampling.samplers.items() if s.plan)}")
+    opts = {}
+    if schedule is not None:
+        if "schedule" not in spec.options:
+            raise ExportError(f"--schedule does not apply to {entry.name} {sampler}")
+        opts["schedule"] = schedule
+    if steps is None:
+        steps = entry.default_steps(model, sampler)
+    try:
+        table = entry.sampling.plan(model, sampler, steps, **opts)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    part = exports[what](model, table)
+    return Spec(**{f.name: getattr(part, f.name) for f in dataclasses.fields(ExportPart)},
+                family=entry.name, what=what)
 
 
 def example_inputs(spec: Spec, n: int, dtype: torch.dtype = torch.float32, device="cpu",

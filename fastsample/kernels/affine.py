@@ -73,7 +73,7 @@ def _unpack(op: str, T, K) -> tuple[float, ...]:
     return tuple(float(c) for c in T) + tuple(float(c) for c in K)
 
 
-def _splitmix64(z: int) -> int:
+def splitmix64(z: int) -> int:
     """SplitMix64 finaliser: neighbouring seeds land ~2^63 apart, far beyond any offset."""
     z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
@@ -81,13 +81,13 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def _twin_normals(seed: torch.Tensor, offset: int, n_streams: int, like: torch.Tensor):
+def twin_normals(seed: torch.Tensor, offset: int, n_streams: int, like: torch.Tensor):
     """Twin noise from a torch.Generator keyed by (seed, offset): same law as the kernel's
     Philox stream, different numbers. Reads the seed on the host (a sync: twins only)."""
     g = torch.Generator(device=like.device)
     # Mix the seed before adding the offset: with seed * small_prime + offset, seed s at a late
     # step (offsets reach ~1e7 in a sampling run) drew seed s+1's early-step noise.
-    g.manual_seed((_splitmix64(int(seed.item())) + offset) % (1 << 63))
+    g.manual_seed((splitmix64(int(seed.item())) + offset) % (1 << 63))
     return torch.randn((n_streams,) + tuple(like.shape), generator=g, device=like.device,
                        dtype=torch.float32)
 
@@ -127,7 +127,7 @@ def affine2_noise_ref(x: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor | No
     if has_noise:
         if noise is None:
             check_seed("affine2_noise_", seed, x, offset)
-            n0, n1 = _twin_normals(seed, offset, 2, x)
+            n0, n1 = twin_normals(seed, offset, 2, x)
         else:
             n0, n1 = _as_streams(noise, 2, x)
         x_new = x_new + K11 * n0
@@ -145,7 +145,7 @@ def affine1_noise_ref(x: torch.Tensor, e: torch.Tensor, c_x: float, c_e: float, 
     if sigma != 0.0:
         if noise is None:
             check_seed("affine1_noise_", seed, x, offset)
-            (n0,) = _twin_normals(seed, offset, 1, x)
+            (n0,) = twin_normals(seed, offset, 1, x)
         else:
             (n0,) = _as_streams(noise, 1, x)
         x_new = x_new + sigma * n0

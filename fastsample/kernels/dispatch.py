@@ -24,6 +24,7 @@ import torch
 from fastsample.kernels._triton import HAS_TRITON, philox_normal  # noqa: F401  (re-export)
 from fastsample.kernels.affine import (affine1_noise_, affine1_noise_ref, affine2_noise_,
                                        affine2_noise_ref)
+from fastsample.kernels.affine import splitmix64, twin_normals  # noqa: F401  (re-export)
 from fastsample.kernels.group_norm import group_norm_silu_ref, group_norm_silu_triton
 
 _CHOICES = ("torch", "triton", "auto")
@@ -66,16 +67,22 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight, bias, scale=None, 
 #-----------------------------------------------------------------------------------------------
 # CLD steps (reference/cld.md sec. 5), all on affine2_noise_.
 
-def _affine2(x, v, alpha, k_v, k_alpha, T, K, seed, offset, d_xv=0.0) -> None:
+def _affine2(x, v, alpha, k_v, k_alpha, T, K, seed, offset, d_xv=0.0, noise=None) -> None:
+    if noise is not None:
+        # Explicit normals are the twins' feature (the C++ runtime's oracle); the kernels draw
+        # their own.
+        affine2_noise_ref(x, v, alpha, k_v, k_alpha, T, K, seed, offset, d_xv, noise=noise)
+        return
     impl = affine2_noise_ if use_triton(x) else affine2_noise_ref
     impl(x, v, alpha, k_v, k_alpha, T, K, seed, offset, d_xv)
 
 
 def cld_affine_step_(x, v, alpha, k_v: float, k_alpha: float, T, K, seed, offset: int,
-                     d_xv: float = 0.0) -> None:
-    """One CLD row of a schedule table (fastsample/export/schedule.py) as the generic kernel:
-    the named steps below are special cases of it. alpha None: no network term."""
-    _affine2(x, v, alpha, k_v, k_alpha, T, K, seed, offset, d_xv)
+                     d_xv: float = 0.0, noise=None) -> None:
+    """One affine2 row of a sampler plan (fastsample/samplers/plan.py) as the generic kernel:
+    the named steps below are special cases of it. alpha None: no network term. noise: given
+    normals (n0, n1) instead of the Philox stream (runs the torch twin)."""
+    _affine2(x, v, alpha, k_v, k_alpha, T, K, seed, offset, d_xv, noise)
 
 
 def sscs_step_(x, v, alpha, k_v: float, k_alpha: float, T, K, seed, offset: int) -> None:
@@ -142,14 +149,19 @@ def cld_em_step_(x, v, alpha, coeffs: CLDEMCoeffs, seed, offset: int) -> None:
 #-----------------------------------------------------------------------------------------------
 # One-tensor steps (DDGAN posterior, VP-SDE Euler–Maruyama, DDPM ancestral), on affine1_noise_.
 
-def _affine1(x, e, c_x, c_e, sigma, seed, offset) -> None:
+def _affine1(x, e, c_x, c_e, sigma, seed, offset, noise=None) -> None:
+    if noise is not None:
+        affine1_noise_ref(x, e, c_x, c_e, sigma, seed, offset, noise=noise)
+        return
     impl = affine1_noise_ if use_triton(x) else affine1_noise_ref
     impl(x, e, c_x, c_e, sigma, seed, offset)
 
 
-def vp_em_step_(x, e, c_x: float, c_e: float, sigma: float, seed, offset: int) -> None:
-    """x <- c_x x + c_e e + sigma n in place (e: the net output); sigma = 0: no noise."""
-    _affine1(x, e, c_x, c_e, sigma, seed, offset)
+def vp_em_step_(x, e, c_x: float, c_e: float, sigma: float, seed, offset: int,
+                noise=None) -> None:
+    """x <- c_x x + c_e e + sigma n in place (e: the net output); sigma = 0: no noise. Every
+    affine1/posterior row of a sampler plan is this step. noise: given (n0,) (the torch twin)."""
+    _affine1(x, e, c_x, c_e, sigma, seed, offset, noise)
 
 
 def ddgan_posterior_step_(x_t, x0_pred, c0: float, c1: float, sigma: float, seed,

@@ -1,6 +1,7 @@
 """One module per family (ddgan, cld, lsgm, ddpm): nets + sde + loss, and how a checkpoint
-becomes a ready model. Every family module exposes the same names, so the CLI, export and the
-benches loop over families without special cases:
+becomes a ready model; the registry (registry.py) declares each family once. Every family module
+exposes the same names, so the CLI, export and the benches loop over families without special
+cases:
 
     Config                    frozen dataclass of the family's hyper-parameters
     default_config(data)      the preset for a Dataset (digits vs 2D toy), as a Config
@@ -12,16 +13,13 @@ benches loop over families without special cases:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from types import ModuleType
 
-FAMILIES = ("ddgan", "cld", "lsgm", "ddpm")
+from fastsample.models.registry import FAMILIES, REGISTRY, Entry, family_of, get  # noqa: F401
 
 
 def family_module(name: str) -> ModuleType:
-    if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; choose one of {'|'.join(FAMILIES)}")
-    return importlib.import_module(f"fastsample.models.{name}")
+    return get(name).module
 
 
 def make_config(name: str, data, overrides: dict | None = None):
@@ -61,6 +59,5 @@ def load_model(path, device="cpu", expect_family: str | None = None):
     """Read a released checkpoint and return (Model, card) ready for sampling."""
     from fastsample import checkpoint as ck
     sd, card = ck.load_checkpoint(path, expect_family=expect_family)
-    mod = family_module(card.family)
-    model = mod.Model.from_checkpoint(sd, card).to(device).eval()
+    model = get(card.family).module.Model.from_checkpoint(sd, card).to(device).eval()
     return model, card

@@ -27,6 +27,7 @@ from torch import nn
 from fastsample.nets import MLPConfig, TimeMLP, UNet, UNetConfig
 from fastsample.nets.layers import config_from_dict
 from fastsample.sde import CLD, CLDConfig
+from fastsample.models.registry import ExportPart, IOTensor
 
 SAMPLERS = ("sscs", "em", "ode")
 NETS = ("unet", "mlp")
@@ -280,3 +281,34 @@ class Family:
                                            self.config.eval_samples, seed=0, device=device)
         out = metrics.evaluate(samples.cpu(), self.data.name)
         return {**{k: float(v) for k, v in out.items()}, "nfe": nfe}
+
+
+# ---------------------------------------------------------------------------------------------
+# What a CLD model exports (registry: EXPORTS).
+
+class ScoreGraph(nn.Module):
+    """(x, v, t) -> alpha = Model.alpha(x, v, t), t the forward time."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, v, t):
+        return self.model.alpha(x, v, t)
+
+
+def _export_score(model, table) -> ExportPart:
+    shape, eps = tuple(model.data_shape), model.cld.config.sampling_eps
+
+    def draw(n, g):
+        return (torch.randn(n, *shape, generator=g), torch.randn(n, *shape, generator=g),
+                eps + (1 - eps) * torch.rand(n, generator=g))
+    return ExportPart(ScoreGraph(model),
+                      [IOTensor("x", ("batch", *shape)), IOTensor("v", ("batch", *shape)),
+                       IOTensor("t", ("batch",))], [IOTensor("alpha", ("batch", *shape))],
+                      table, table.header["sampler"][0], int(table.header["nfe"][0]), draw,
+                      f"x, v ~ N(0, I); t uniform in [{eps:g}, 1]")
+
+
+EXPORTS = {"score": _export_score}
+

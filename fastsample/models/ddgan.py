@@ -24,6 +24,8 @@ from fastsample.nets import (Discriminator, DiscriminatorConfig, MLPConfig, Time
 from fastsample.data import dequantize_digits
 from fastsample.data.images import DIGITS_LEVELS
 from fastsample.sde import ddgan_schedule
+from fastsample.models.registry import ExportPart, IOTensor
+from fastsample.samplers import plan as plans
 
 SAMPLERS = ("posterior",)
 ARCHS = ("unet", "mlp")
@@ -557,3 +559,70 @@ def _json_safe(d: dict) -> dict:
 __all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS", "grid25_modes", "z_usage",
            "posterior_log_weights", "sample_rows",
            "generator_config", "build_generator", "build_discriminator", "schedule_of"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a DDGAN exports (registry: EXPORTS; fastsample/export builds artifacts from these).
+
+class GeneratorGraph(nn.Module):
+    """(x_t, z, t) -> x0: the generator's x_0' prediction, t the float step index i."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t, z, t):
+        return self.model.denoise(x_t, z, t)
+
+
+class SamplerGraph(nn.Module):
+    """(x_T, z (T,N,z_dim), noise (T,N,...)) -> (x0, samples): the whole posterior plan with
+    its float64 constants baked in, in the plan loop's arithmetic (x <- c1 x + c0 x0' + sigma n,
+    the affine1 twin's order) written out of place, so that it traces into one graph."""
+
+    def __init__(self, model, table):
+        super().__init__()
+        self.model = model
+        self.rows = [tuple(r) for r in table.rows]
+        self.post = table.header["postprocess"][0]
+
+    def forward(self, x_T, z, noise):
+        x = x_T
+        for k, (i, c0, c1, sigma) in enumerate(self.rows):
+            t = x.new_full((x.shape[0],), i)
+            x0 = self.model.denoise(x, z[k], t)
+            x = c1 * x + c0 * x0
+            if sigma:
+                x = x + sigma * noise[k]
+        return x, plans.apply_postprocess(self.post, x)
+
+
+def _export_generator(model, table) -> ExportPart:
+    shape, zd, T = tuple(model.data_shape), model.z_dim, model.T
+
+    def draw(n, g):
+        return (torch.randn(n, *shape, generator=g), torch.randn(n, zd, generator=g),
+                torch.randint(1, T + 1, (n,), generator=g).float())
+    return ExportPart(GeneratorGraph(model),
+                      [IOTensor("x_t", ("batch", *shape)), IOTensor("z", ("batch", zd)),
+                       IOTensor("t", ("batch",))], [IOTensor("x0", ("batch", *shape))],
+                      table, "posterior", T, draw, f"x_t, z ~ N(0, I); t uniform in 1..{T}")
+
+
+def _export_sampler(model, table) -> ExportPart:
+    shape, zd, T = tuple(model.data_shape), model.z_dim, model.T
+    level = 1 / 16 if table.header["postprocess"][0] == "quantize17" else 0.0
+
+    def draw(n, g):
+        return (torch.randn(n, *shape, generator=g), torch.randn(T, n, zd, generator=g),
+                torch.randn(T, n, *shape, generator=g))
+    return ExportPart(SamplerGraph(model, table),
+                      [IOTensor("x_T", ("batch", *shape)), IOTensor("z", (T, "batch", zd)),
+                       IOTensor("noise", (T, "batch", *shape))],
+                      [IOTensor("x0", ("batch", *shape)),
+                       IOTensor("samples", ("batch", *shape), level=level)],
+                      table, "posterior", T, draw, "x_T, z, noise ~ N(0, I)", calls=T)
+
+
+EXPORTS = {"generator": _export_generator, "sampler": _export_sampler}
+

@@ -118,6 +118,8 @@ def build_net(netcfg: UNetConfig | MLPConfig) -> nn.Module:
 class Model(nn.Module):
     """eps_theta with its SDE; the interface documented in fastsample/samplers/ddpm.py."""
 
+    family = "ddpm"
+
     def __init__(self, net: nn.Module, cfg: Config, dataset: str, shape: tuple):
         super().__init__()
         self.net = net

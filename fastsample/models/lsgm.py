@@ -47,6 +47,7 @@ from torch import nn
 from fastsample.nets import Decoder, Encoder, UNet, UNetConfig, VAEConfig
 from fastsample.nets.vae import bits_per_dim
 from fastsample.sde import GeometricVPSDE
+from fastsample.models.registry import ExportPart, IOTensor
 
 SAMPLERS = ("ode", "em")
 T_SAMPLINGS = ("is", "uniform")
@@ -489,3 +490,55 @@ def _json_safe(d: dict) -> dict:
 __all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS", "MixedScorePrior",
            "build_prior", "cross_entropy", "is_proposal", "nelbo", "gaussian_entropy",
            "gaussian_ce_normal", "kl_normal", "vae_config", "prior_config", "sde_of"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What an LSGM exports (registry: EXPORTS).
+
+class DecoderGraph(nn.Module):
+    """z0 -> x in model space (Model.decode: the level's bin centre, argmax or rounded mean)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z0):
+        return self.model.decode(z0)
+
+
+class ScoreGraph(nn.Module):
+    """(z_t, t) -> eps = Model.eps(z_t, t), the mixed-score eps prediction."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z_t, t):
+        return self.model.eps(z_t, t)
+
+
+def _export_decoder(model, table) -> ExportPart:
+    lat, data = tuple(model.latent_shape), tuple(table.header["data_shape"])
+    K = model.vae_cfg.num_levels
+
+    def draw(n, g):
+        return (torch.randn(n, *lat, generator=g),)
+    return ExportPart(DecoderGraph(model), [IOTensor("z0", ("batch", *lat))],
+                      [IOTensor("x", ("batch", *data), level=2 / K)], table, "em",
+                      int(table.header["nfe"][0]), draw, "z0 ~ N(0, I)",
+                      {"decode": model.cfg.decode})
+
+
+def _export_score(model, table) -> ExportPart:
+    lat = tuple(model.latent_shape)
+
+    def draw(n, g):
+        return torch.randn(n, *lat, generator=g), torch.rand(n, generator=g)
+    return ExportPart(ScoreGraph(model),
+                      [IOTensor("z_t", ("batch", *lat)), IOTensor("t", ("batch",))],
+                      [IOTensor("eps", ("batch", *lat))], table, "em",
+                      int(table.header["nfe"][0]), draw, "z_t ~ N(0, I); t uniform in [0, 1]")
+
+
+EXPORTS = {"decoder": _export_decoder, "score": _export_score}
+

@@ -5,9 +5,10 @@ time inputs, the Philox seed cell, the output), warms up (Triton JIT, cuDNN/allo
 and on CUDA captures the whole run -- all network calls and fused step kernels -- in one CUDA
 graph. A request is then `engine.sample(seed)`: write the seed into its device cell, replay.
 
-The loop runs the rows of the sampler's schedule table (fastsample/export/schedule.py, the same
-table the C++ runtime reads), with the step kernels of fastsample.kernels.dispatch at the
-samplers' Philox counters. Noise sources:
+The run is the family's sampler plan (fastsample/samplers/plan.py, the same rows the C++ runtime
+reads) executed by the samplers' own loop (`plan.run`) on the Engine's static buffers; the
+family's registry entry (fastsample.models.registry) supplies the prior, the network binding and
+the data-space map. Noise sources:
   - "torch" (CPU default, and CUDA without a graph): x_T, v_T and z come from the same
     torch.Generator draws as the family's `sample()`, so on CPU
     `Engine(m, ...).sample(s)` equals `fastsample.samplers.<family>.sample(m, ..., num=batch,
@@ -30,12 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fastsample.export.schedule import Table, cld_table, ddgan_table, noise_draws, postprocess
 from fastsample.kernels import dispatch
+from fastsample.models import registry
 from fastsample.nets.layers import GaussianFourierFeatures, SinusoidalFeatures
 from fastsample.runtime import nvtx
+from fastsample.samplers import plan as plans
 
-ENGINE_SAMPLERS = {"ddgan": ("posterior",), "cld": ("sscs", "em"), "lsgm": ("decode",)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NOISE_SOURCES = ("auto", "torch", "philox")
 # Philox counters of the in-run initial noise: 2^44 is beyond any step counter (a run uses
@@ -58,6 +59,14 @@ def _cast_model(model, device, dtype):
     return m
 
 
+def request_seed(seed: int, j: int) -> int:
+    """The seed of request j of a multi-batch run: the run's seed for j = 0, else a SplitMix64
+    mix of (seed, j), so runs with neighbouring seeds do not share batches."""
+    if j == 0:
+        return seed
+    return dispatch.splitmix64((seed << 24) + j) % (1 << 63)
+
+
 class EngineError(ValueError):
     """A request the Engine cannot serve (sampler, dtype, device, weights): one clear line."""
 
@@ -77,29 +86,35 @@ class EngineSpec:
 class Engine:
     """See the module docstring. `model` is a fastsample Model (or use `from_checkpoint`).
 
-    sampler/steps: ddgan posterior (steps = its T), cld sscs|em (steps = NFE, >= 2),
-    lsgm decode (one decoder call on z_0 ~ N(0, I): the decoder's latency). opts: cld `schedule`
-    (uniform|quadratic). The Engine keeps its own copy of the model in `dtype`.
+    sampler: one of the family's registry `engine` samplers (ddgan posterior, cld sscs|em,
+    lsgm em|decode, ddpm ancestral|ddim|em); "decode" is a latent model's decoder alone on
+    z_0 ~ N(0, I) (the decoder's latency). steps: the sampler's budget (None: its default; a
+    DDGAN's is its T). opts: the sampler's options (e.g. cld `schedule`). The Engine keeps its
+    own copy of the model in `dtype`.
     """
 
     def __init__(self, model, sampler: str, steps: int | None = None, *, batch: int = 1,
                  dtype: str = "fp32", device="cpu", cuda_graph: bool | None = None,
                  noise: str = "auto", warmup: int = 2, **opts):
-        family = getattr(model, "family", None) or type(model).__module__.rsplit(".", 1)[-1]
-        if family not in ENGINE_SAMPLERS:
-            raise EngineError(f"Engine serves {sorted(ENGINE_SAMPLERS)} models, got "
-                              f"{type(model).__name__} (family {family!r}); ddpm and the ODE "
-                              f"samplers have no fixed-step engine")
-        if sampler not in ENGINE_SAMPLERS[family]:
-            raise EngineError(f"Engine: sampler {sampler!r} is not available for {family}; "
-                              f"choose {'|'.join(ENGINE_SAMPLERS[family])}")
+        try:
+            entry = registry.family_of(model)
+        except ValueError as e:
+            raise EngineError(f"Engine: {e}") from None
+        if not entry.engine:
+            raise EngineError(f"Engine: family {entry.name} has no fixed-step sampler to serve")
+        if sampler not in entry.engine:
+            raise EngineError(f"Engine: sampler {sampler!r} is not available for {entry.name}; "
+                              f"choose {'|'.join(entry.engine)}")
         if dtype not in DTYPES:
             raise EngineError(f"Engine: dtype {dtype!r}; choose {'|'.join(DTYPES)}")
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise EngineError(f"Engine: batch must be an int >= 1, got {batch!r}")
         if noise not in NOISE_SOURCES:
             raise EngineError(f"Engine: noise {noise!r}; choose {'|'.join(NOISE_SOURCES)}")
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except RuntimeError as e:
+            raise EngineError(f"Engine: device {device!r}: {e}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError("Engine: device cuda requested but CUDA is not available")
         if cuda_graph is None:
@@ -111,16 +126,13 @@ class Engine:
         if cuda_graph and noise != "philox":
             raise EngineError("Engine: a CUDA graph cannot replay host-side torch.Generator "
                               "draws; use noise='philox' (the default with cuda_graph)")
-        bad = sorted(set(opts) - ({"schedule"} if family == "cld" else set()))
-        if bad:
-            raise EngineError(f"Engine: unknown option(s) {bad} for {family} {sampler}")
 
-        self.family, self.sampler = family, sampler
+        self.entry, self.family, self.sampler = entry, entry.name, sampler
         self.dtype = DTYPES[dtype]
         self.device = device
         self.table = self._table(model, sampler, steps, opts)
-        self.steps = int(self.table.header["nfe"][0]) if self.table is not None else 1
-        self.spec = EngineSpec(family, sampler, self.steps, batch, dtype, str(device),
+        self.steps = plans.net_calls(self.table) if self.table is not None else 1
+        self.spec = EngineSpec(entry.name, sampler, self.steps, batch, dtype, str(device),
                                bool(cuda_graph), noise)
         self.model = _cast_model(model, device, self.dtype)
         for p in self.model.parameters():
@@ -144,48 +156,41 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     # Build.
 
-    def _table(self, model, sampler: str, steps, opts) -> Table | None:
-        if self.family == "ddgan":
-            if steps is not None and steps != model.T:
-                raise EngineError(f"this DDGAN was trained with T={model.T}; steps must be "
-                                  f"{model.T}, got {steps}")
-            return ddgan_table(model)
-        if self.family == "cld":
-            if steps is None:
-                raise EngineError("Engine: cld needs steps (the NFE budget, >= 2)")
-            try:
-                return cld_table(model, sampler, steps, opts.get("schedule", "quadratic"))
-            except ValueError as e:
-                raise EngineError(f"Engine: {e}") from None
-        if steps not in (None, 1):
-            raise EngineError(f"Engine: lsgm decode is one decoder call; steps must be 1, got "
-                              f"{steps}")
-        return None
+    def _table(self, model, sampler: str, steps, opts) -> plans.Table | None:
+        sampling = self.entry.sampling
+        if sampler == "decode":
+            if opts:
+                raise EngineError(f"Engine: unknown option(s) {sorted(opts)} for "
+                                  f"{self.family} decode")
+            if steps not in (None, 1):
+                raise EngineError(f"Engine: {self.family} decode is one decoder call; steps "
+                                  f"must be 1, got {steps}")
+            return None
+        bad = sorted(set(opts) - set(sampling.sampler(sampler).options))
+        if bad:
+            raise EngineError(f"Engine: unknown option(s) {bad} for {self.family} {sampler}")
+        if steps is None:
+            steps = sampling.default_steps(model, sampler)
+        try:
+            return sampling.plan(model, sampler, steps, **opts)
+        except ValueError as e:
+            raise EngineError(f"Engine: {e}") from None
 
     def _alloc(self, N: int) -> None:
-        dev, dt, m = self.device, self.dtype, self.model
-        shape = (N, *m.latent_shape) if self.family == "lsgm" else (N, *m.data_shape)
-        self.x_T = torch.zeros(shape, device=dev, dtype=dt)
-        self.x = torch.zeros_like(self.x_T)
-        self.seed = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.v_T = self.v = self.z = None
-        self.times = []
-        if self.family == "ddgan":
-            self.z = torch.zeros((m.T, N, m.z_dim), device=dev, dtype=dt)
-            self.times = [torch.full((N,), r[0], device=dev, dtype=dt) for r in self.table.rows]
-        elif self.family == "cld":
-            self.v_T = torch.zeros_like(self.x_T)
-            self.v = torch.zeros_like(self.x_T)
-            self.times = [torch.full((N,), r[1], device=dev, dtype=dt) for r in self.table.rows]
-        self.out = torch.zeros((N, *m.data_shape) if self.family != "lsgm" else
-                               (N, *self._lsgm_out_shape()), device=dev, dtype=torch.float32)
-        self.draws = noise_draws(self.table) if self.table is not None else []
-
-    def _lsgm_out_shape(self) -> tuple:
+        dev, dt, sampling = self.device, self.dtype, self.entry.sampling
         with torch.no_grad():
-            probe = torch.zeros((1, *self.model.latent_shape), device=self.device,
-                                dtype=self.dtype)
-            return tuple(self.model.decode(probe).shape[1:])
+            probe = sampling.prior(self.model, N, 0, dev)
+        # zeros_like keeps a prior view's strides (DDGAN's latents are a transposed view), so
+        # the network sees the same layout as on the eager path.
+        self.prior = tuple(torch.zeros_like(p, dtype=dt) for p in probe)
+        self.scales = sampling.scales(self.model, len(self.prior))
+        self.seed = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.state, self.net = sampling.bind(self.model, self.prior)
+        self.times = (plans.time_inputs(self.table, N, dev, dt) if self.table is not None
+                      else [])
+        with torch.no_grad():
+            shape = sampling.finish(self.model, self.state[0]).shape
+        self.out = torch.zeros(shape, device=dev, dtype=torch.float32)
 
     def _capture(self) -> None:
         # Warm-up on a side stream is what torch.cuda.graphs asks for before capture.
@@ -209,80 +214,41 @@ class Engine:
         self.seed.fill_(seed)
         if self.spec.noise != "torch":
             return
-        N, dev = self.x_T.shape[0], self.device
-        g = torch.Generator(device=dev).manual_seed(seed)
-        if self.family == "ddgan":
-            from fastsample.samplers.ddgan import draw_latents
-            self.x_T.copy_(torch.randn(self.x_T.shape, generator=g, device=dev))
-            self.z.copy_(draw_latents(self.model.T, N, self.model.z_dim, seed, dev))
-        elif self.family == "cld":
-            from fastsample.samplers.cld import prior
-            x, v = prior(self.model.cld, N, self.model.data_shape, g, dev)
-            self.x_T.copy_(x)
-            self.v_T.copy_(v)
-        else:
-            self.x_T.copy_(torch.randn(self.x_T.shape, generator=g, device=dev))
-
-    def _philox_fill(self, buf: torch.Tensor, counter: int, scale: float = 1.0) -> int:
-        n = buf.numel()
-        buf.copy_(dispatch.philox_normal(n, self.seed, counter, 0).view(buf.shape) * scale)
-        return counter + n
+        parts = self.entry.sampling.prior(self.model, self.batch, seed, self.device)
+        for buf, p in zip(self.prior, parts):
+            buf.copy_(p)
 
     def _run(self) -> None:
         """The whole sampling run on the static buffers; nothing here reads a tensor on the
         host or allocates from host data, so it can be captured."""
         if self.spec.noise == "philox":
-            c = self._philox_fill(self.x_T, INIT_COUNTER)
-            if self.v_T is not None:
-                c = self._philox_fill(self.v_T, c, self.table.header["prior_v_scale"][0])
-            if self.z is not None:
-                self._philox_fill(self.z, c)
-        self.x.copy_(self.x_T)
-        if self.family == "ddgan":
-            self._run_ddgan()
-        elif self.family == "cld":
-            self.v.copy_(self.v_T)
-            self._run_cld()
-        else:
-            with nvtx.annotate("net", "green"):
-                self.out.copy_(self.model.to_data(self.model.decode(self.x)))
-            return
-        self.out.copy_(postprocess(self.table, self.x))
-
-    def _run_ddgan(self) -> None:
-        x, stride = self.x, self.x.numel()
-        for k, (_, c0, c1, sigma) in enumerate(self.table.rows):
-            with nvtx.annotate(f"step {k}"):
-                with nvtx.annotate("net", "green"):
-                    x0 = self.model.denoise(x, self.z[k], self.times[k]).to(x.dtype)
-                dispatch.ddgan_posterior_step_(x, x0.contiguous(), c0, c1, sigma, self.seed,
-                                               k * stride)
-
-    def _run_cld(self) -> None:
-        x, v, stride, counter = self.x, self.v, self.x.numel(), 0
-        for k, r in enumerate(self.table.rows):
-            net, _, k_v, k_a, T_xx, T_xv, T_vx, T_vv, K11, K21, K22, D_xv = r
-            with nvtx.annotate(f"step {k}"):
-                alpha = None
-                if net:
-                    with nvtx.annotate("net", "green"):
-                        alpha = self.model.alpha(x, v, self.times[k]).to(x.dtype).contiguous()
-                noisy = self.draws[k] > 0
-                dispatch.cld_affine_step_(x, v, alpha, k_v, k_a, (T_xx, T_xv, T_vx, T_vv),
-                                          (K11, K21, K22), self.seed if noisy else None,
-                                          counter if noisy else 0, D_xv)
-                counter += stride if noisy else 0
+            c = INIT_COUNTER
+            for buf, scale in zip(self.prior, self.scales):
+                n = buf.numel()
+                buf.copy_(dispatch.philox_normal(n, self.seed, c, 0).view(buf.shape) * scale)
+                c += n
+        for st, p in zip(self.state, self.prior):
+            st.copy_(p)
+        if self.table is not None:
+            plans.run(self.table, self.net, *self.state, seed=self.seed, times=self.times,
+                      annotate=nvtx.annotate)
+        with nvtx.annotate("net" if self.table is None else "finish", "green"):
+            self.out.copy_(self.entry.sampling.finish(self.model, self.state[0]))
 
     # ------------------------------------------------------------------------------------------
     # Requests.
 
     @property
     def batch(self) -> int:
-        return self.x.shape[0]
+        return self.state[0].shape[0]
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.state[0]
 
     @property
     def nfe(self) -> int:
-        """Network evaluations per sample (counted from the table's rows)."""
+        """Network evaluations per sample (counted from the plan's rows)."""
         return self.steps
 
     def sample(self, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,10 +12,9 @@ v ~ N(0, M I)); `seed` drives every later draw through the fused kernels' Philox
 counted at the call sites and equals N exactly for sscs/em (N - 1 steps + the denoising call,
 sec. 5.1); per-step scalars are float64 on the host before the loop, which reads no tensor.
 
-Noise counters: a launch on a batch covering samples [s, s + B) of a run of `total` samples uses
-counters offset_k + s * per_sample + i, with offset_k = k * total * per_sample. So on the Triton
-path sample i gets the same noise whatever the batch size. The torch twins draw from a
-generator keyed by (seed, offset) instead, which keeps the law but not this invariance.
+Every fixed-step sampler here is an affine2 plan (samplers/plan.py: rows, noise counters) run
+by the one loop; `sample_sscs` / `sample_em` are thin views of it. The ODE is the shared adaptive
+solver plus the same denoising row.
 """
 
 from __future__ import annotations
@@ -25,8 +24,11 @@ import math
 import torch
 
 from fastsample.kernels import dispatch
-from fastsample.samplers import (SampleResult, batch_starts, check_request, check_steps,
-                                 seed_tensor)
+import functools
+
+from fastsample import samplers as _driver
+from fastsample.samplers import SampleResult, Sampler, Sampling, check_steps, seed_tensor
+from fastsample.samplers import plan as plans
 
 SAMPLERS = ("sscs", "em", "ode")
 KINDS = ("uniform", "quadratic")
@@ -52,12 +54,14 @@ def _check_state(x: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("x_T contains NaN or inf")
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"schedule {kind!r}; choose {'|'.join(KINDS)}")
+    return kind
 
 
-def _nfe_budget(steps: int) -> int:
+def nfe_budget(steps: int) -> int:
+    """The number of SSCS/EM steps for an NFE budget: steps - 1 (+ the denoising call)."""
     check_steps(steps)
     if steps < 2:
         raise ValueError(f"steps (NFE) must be >= 2 for CLD: N - 1 >= 1 steps plus the "
@@ -65,131 +69,130 @@ def _nfe_budget(steps: int) -> int:
     return steps - 1
 
 
-def _t_column(values: list[float], n: int, x: torch.Tensor) -> torch.Tensor:
-    """Per-step forward times as an (S, n) device table built once, so the loop reads a row."""
-    t = torch.tensor(values, dtype=torch.float64).to(torch.float32)
-    return t.to(x.device)[:, None].expand(len(values), n)
+def _linear_row(A) -> tuple:
+    """A lone exact A step (a LinearStep): no network, noise K."""
+    return (0.0, 0.0, 1.0, 0.0, A.T_xx, A.T_xv, A.T_vx, A.T_vv, A.K11, A.K21, A.K22, 0.0)
 
 
-def _A(step) -> tuple[tuple, tuple]:
-    """A LinearStep as the kernels' (T, K) tuples."""
-    return (step.T_xx, step.T_xv, step.T_vx, step.T_vv), (step.K11, step.K21, step.K22)
+def em_row(t: float, c) -> tuple:
+    """sde.cld's EMStep (x' = x + a_xv v, v' = a_vx x + a_vv v + a_valpha alpha + g n) as a row:
+    x's update reads the pre-step v, hence D_xv."""
+    if c.a_xx != 1.0 or c.a_xalpha != 0.0:
+        raise ValueError("CLD's EM step leaves x's own coefficient at 1 and x free of alpha")
+    return (1.0, float(t), c.a_vv, c.a_valpha, 1.0, 0.0, c.a_vx, 1.0, 0.0, 0.0, c.g, c.a_xv)
 
 
-def _em(c) -> dispatch.CLDEMCoeffs:
-    """sde.cld's EMStep (x' = x + a_xv v, v' = a_vx x + a_vv v + a_valpha alpha + g n)."""
-    assert c.a_xx == 1.0 and c.a_xalpha == 0.0, "CLD's EM step leaves x's own coefficient at 1"
-    return dispatch.CLDEMCoeffs(x_v=c.a_xv, v_x=c.a_vx, v_v=c.a_vv, v_alpha=c.a_valpha, noise=c.g)
+def _table(model, sampler: str, grid: str, rows: list) -> plans.Table:
+    header = {"family": ("cld",), "sampler": (sampler,), "nfe": (0,),
+              "data_shape": tuple(model.data_shape), "grid": (grid,),
+              "prior_v_scale": (math.sqrt(model.cld.M),),
+              "postprocess": (plans.postprocess_name(model.data_shape,
+                                                     getattr(model, "dataset", "digits")),)}
+    tab = plans.Table(header, plans.AFFINE2_COLUMNS, [tuple(float(v) for v in r) for r in rows])
+    tab.header["nfe"] = (plans.net_calls(tab),)
+    return tab
 
 
-class _Counter:
-    """Philox counter bookkeeping (see the module docstring)."""
-
-    def __init__(self, x: torch.Tensor, noise_offset: int, noise_stride: int | None):
-        self.next = noise_offset
-        self.stride = x.numel() if noise_stride is None else noise_stride
-        if self.stride < x.numel():
-            raise ValueError(f"noise_stride {self.stride} must be >= the batch numel {x.numel()}")
-
-    def take(self) -> int:
-        off = self.next
-        self.next += self.stride
-        return off
-
-
-def _denoise(model, x, v, t_table, seed) -> None:
+def denoise_row(model) -> tuple:
     """Final EM mean step from forward time sampling_eps to 0 (sec. 5.1): one network call."""
-    alpha = model.alpha(x, v, t_table[-1])
-    dispatch.cld_em_step_(x, v, alpha, _em(model.cld.denoise_coeffs(model.mixed_score)), seed, 0)
+    return em_row(model.cld.config.sampling_eps, model.cld.denoise_coeffs(model.mixed_score))
 
 
 #-----------------------------------------------------------------------------------------------
-# SSCS (sec. 5.3).
+# Plans.
+
+def sscs_table(model, steps: int, kind: str = "quadratic", midpoint: bool = False,
+               fused: bool = True, num_stab: float = 0.0) -> plans.Table:
+    """Symmetric Splitting CLD Sampler (sec. 5.3) with NFE = steps: steps - 1 SSCS steps + the
+    denoising call. fused=True: S + the composed A halves in one row per step (after a lone
+    first half step); fused=False: the reference A(h/2), S, A(h/2) as separate rows (4 normals
+    per element per step instead of 2: same law, other numbers)."""
+    n = nfe_budget(steps)
+    check_kind(kind)
+    cld = model.cld
+    plan = cld.sscs_plan(n, kind, midpoint=midpoint, mixed_score=model.mixed_score,
+                         num_stab=num_stab)
+    rows = []
+    if fused:
+        rows.append(_linear_row(plan.first_half))
+        for s in plan.steps:
+            A = s.A
+            rows.append((1.0, float(s.t_s), s.k_v, s.k_alpha, A.T_xx, A.T_xv, A.T_vx, A.T_vv,
+                         A.K11, A.K21, A.K22, 0.0))
+    else:
+        T, tau = cld.T, plan.tau
+
+        def half(lo, hi):
+            return cld.A_step(float(cld.b_int(T - hi, T - lo)), num_stab)
+
+        for k, s in enumerate(plan.steps):
+            rows.append(_linear_row(half(tau[k], tau[k] + 0.5 * s.h)))
+            rows.append((1.0, float(s.t_s), s.k_v, s.k_alpha, 1.0, 0.0, 0.0, 1.0,
+                         0.0, 0.0, 0.0, 0.0))
+            rows.append(_linear_row(half(tau[k] + 0.5 * s.h, tau[k + 1])))
+    # The denoising row's time is sampling_eps exactly (plan.denoise.t carries the grid's
+    # rounding, 1e-3 + 9e-19: the same float32).
+    rows.append(denoise_row(model))
+    return _table(model, "sscs", kind, rows)
+
+
+def em_table(model, steps: int, kind: str = "quadratic") -> plans.Table:
+    """Euler–Maruyama on the reverse SDE (sec. 5.2) with NFE = steps: steps - 1 EM steps +
+    the denoising call."""
+    n = nfe_budget(steps)
+    check_kind(kind)
+    cld = model.cld
+    tau = cld.time_grid(n, kind).tolist()
+    rows = []
+    for k in range(n):
+        c = cld.em_step_coeffs(tau[k], tau[k + 1] - tau[k], model.mixed_score)
+        rows.append(em_row(c.t, c))
+    rows.append(denoise_row(model))
+    return _table(model, "em", kind, rows)
+
+
+def table(model, sampler: str, steps: int, schedule: str = "quadratic", midpoint: bool = False,
+          fused: bool = True, num_stab: float = 0.0) -> plans.Table:
+    """The plan of a fixed-step CLD sampler (sscs | em) with `steps` network calls."""
+    if sampler == "sscs":
+        return sscs_table(model, steps, schedule, midpoint=midpoint, fused=fused,
+                          num_stab=num_stab)
+    if sampler == "em":
+        if midpoint or not fused or num_stab:
+            raise ValueError("midpoint, fused and num_stab are options of sscs, not em")
+        return em_table(model, steps, schedule)
+    raise ValueError(f"cld sampler {sampler!r} has no fixed plan; choose sscs|em")
+
+
+def _run(model, tab: plans.Table, x, v, seed: int, noise_offset: int,
+         noise_stride: int | None) -> SampleResult:
+    _check_state(x, v)
+    x, v = x.clone(), v.clone()
+    nfe = plans.run(tab, model.alpha, x, v, seed=seed_tensor(seed, x.device),
+                    offset=noise_offset, stride=noise_stride)
+    return SampleResult(x, nfe)
+
+
+#-----------------------------------------------------------------------------------------------
+# The samplers: views of the plan loop, and the ODE.
 
 @torch.no_grad()
 def sample_sscs(model, x: torch.Tensor, v: torch.Tensor, steps: int, *, seed: int,
                 kind: str = "quadratic", midpoint: bool = False, fused: bool = True,
                 num_stab: float = 0.0, noise_offset: int = 0,
                 noise_stride: int | None = None) -> SampleResult:
-    """Symmetric Splitting CLD Sampler with NFE = steps: steps - 1 SSCS steps + the denoising call.
+    """SSCS with NFE = steps (see sscs_table); x, v: (N, ...) x_T (not modified)."""
+    tab = sscs_table(model, steps, kind, midpoint=midpoint, fused=fused, num_stab=num_stab)
+    return _run(model, tab, x, v, seed, noise_offset, noise_stride)
 
-    x, v: (N, ...) x_T (not modified). fused=True runs S + the composed A halves in one kernel
-    per step; fused=False is the reference path A(h/2), S, A(h/2) as separate launches (4 normals
-    per element per step instead of 2: same law, other numbers).
-    """
-    n = _nfe_budget(steps)
-    _check_kind(kind)
-    _check_state(x, v)
-    cld = model.cld
-    plan = cld.sscs_plan(n, kind, midpoint=midpoint, mixed_score=model.mixed_score,
-                         num_stab=num_stab)
-    t_table = _t_column([s.t_s for s in plan.steps] + [plan.denoise.t], x.shape[0], x)
-    halves = None
-    if not fused:
-        T, tau = cld.T, plan.tau
-
-        def half(lo, hi):
-            return cld.A_step(float(cld.b_int(T - hi, T - lo)), num_stab)
-
-        halves = [(half(tau[k], tau[k] + 0.5 * s.h), half(tau[k] + 0.5 * s.h, tau[k + 1]))
-                  for k, s in enumerate(plan.steps)]
-    x, v = x.clone(), v.clone()
-    seed_t = seed_tensor(seed, x.device)
-    ctr = _Counter(x, noise_offset, noise_stride)
-    nfe = 0
-    if fused:
-        # Lone first half step A(h_0/2).
-        dispatch.cld_linear_(x, v, *_A(plan.first_half), seed_t, ctr.take())
-        for k, s in enumerate(plan.steps):
-            alpha = model.alpha(x, v, t_table[k])
-            nfe += 1
-            # S update, then A(h_k/2) composed with A(h_{k+1}/2) (the last step: its lone half).
-            dispatch.sscs_step_(x, v, alpha, s.k_v, s.k_alpha, *_A(s.A), seed_t, ctr.take())
-    else:
-        identity = ((1.0, 0.0, 0.0, 1.0), (0.0, 0.0, 0.0))
-        for k, s in enumerate(plan.steps):
-            dispatch.cld_linear_(x, v, *_A(halves[k][0]), seed_t, ctr.take())
-            alpha = model.alpha(x, v, t_table[k])
-            nfe += 1
-            dispatch.sscs_step_(x, v, alpha, s.k_v, s.k_alpha, *identity, None, 0)
-            dispatch.cld_linear_(x, v, *_A(halves[k][1]), seed_t, ctr.take())
-    _denoise(model, x, v, t_table, seed_t)
-    nfe += 1
-    return SampleResult(x, nfe)
-
-
-#-----------------------------------------------------------------------------------------------
-# Euler–Maruyama (sec. 5.2).
 
 @torch.no_grad()
 def sample_em(model, x: torch.Tensor, v: torch.Tensor, steps: int, *, seed: int,
               kind: str = "quadratic", noise_offset: int = 0,
               noise_stride: int | None = None) -> SampleResult:
-    """Euler–Maruyama on the reverse SDE with NFE = steps: steps - 1 EM steps + denoising."""
-    n = _nfe_budget(steps)
-    _check_kind(kind)
-    _check_state(x, v)
-    cld = model.cld
-    tau = cld.time_grid(n, kind).tolist()
-    coeffs = [cld.em_step_coeffs(tau[k], tau[k + 1] - tau[k], model.mixed_score)
-              for k in range(n)]
-    t_table = _t_column([c.t for c in coeffs] + [cld.config.sampling_eps], x.shape[0], x)
-    em = [_em(c) for c in coeffs]
-    x, v = x.clone(), v.clone()
-    seed_t = seed_tensor(seed, x.device)
-    ctr = _Counter(x, noise_offset, noise_stride)
-    nfe = 0
-    for k in range(n):
-        alpha = model.alpha(x, v, t_table[k])
-        nfe += 1
-        dispatch.cld_em_step_(x, v, alpha, em[k], seed_t, ctr.take())
-    _denoise(model, x, v, t_table, seed_t)
-    nfe += 1
-    return SampleResult(x, nfe)
+    """Euler–Maruyama with NFE = steps (see em_table); x, v: (N, ...) x_T (not modified)."""
+    return _run(model, em_table(model, steps, kind), x, v, seed, noise_offset, noise_stride)
 
-
-#-----------------------------------------------------------------------------------------------
-# Probability-flow ODE (sec. 4, 5.4).
 
 @torch.no_grad()
 def sample_ode(model, x: torch.Tensor, v: torch.Tensor, *, rtol: float = 1e-5,
@@ -218,50 +221,38 @@ def sample_ode(model, x: torch.Tensor, v: torch.Tensor, *, rtol: float = 1e-5,
     y1, nfe = solve(f, torch.stack([x, v]), 0.0, T - cld.config.sampling_eps, rtol=rtol,
                     atol=atol, method=method)
     x1, v1 = y1[0].contiguous(), y1[1].contiguous()
-    t_table = _t_column([cld.config.sampling_eps], N, x1)
-    _denoise(model, x1, v1, t_table, seed_tensor(0, x1.device))
-    return SampleResult(x1, nfe + 1)
+    last = _table(model, "ode", "adaptive", [denoise_row(model)])
+    nfe += plans.run(last, model.alpha, x1, v1, seed=None)
+    return SampleResult(x1, nfe)
 
 
 #-----------------------------------------------------------------------------------------------
-# One entry point for the CLI.
+# The family's sampling declaration (samplers/__init__.py Sampling).
 
-_OPTS = {"sscs": ("schedule", "midpoint", "fused", "num_stab"),
-         "em": ("schedule",),
-         "ode": ("rtol", "atol", "method")}
+def _prior(model, num: int, seed: int, device):
+    return prior(model.cld, num, model.data_shape, torch.Generator(device).manual_seed(seed),
+                 device)
 
 
-def sample(model, name: str, steps: int, num: int, seed: int, device, batch: int | None = None,
-           progress: bool = False, **opts) -> tuple[torch.Tensor, int]:
-    """`num` samples in data space (float32) and the NFE per sample.
+def _bind(model, parts):
+    x, v = parts
+    return (x.clone(), v.clone()), model.alpha
 
-    x_T comes from torch.Generator(device).manual_seed(seed); batches of `batch` share one
-    Philox stream (see the module docstring). steps is the NFE budget N for sscs/em; the ODE is
-    adaptive and ignores it. opts: schedule (uniform|quadratic, default quadratic), midpoint,
-    fused, num_stab (sscs); rtol, atol, method (ode).
-    """
-    batch = check_request("cld", name, SAMPLERS, num, batch, seed, opts, _OPTS.get(name, ()))
-    check_steps(steps)
-    kw = dict(opts)
-    if "schedule" in kw:
-        kw["kind"] = kw.pop("schedule")
-        _check_kind(kw["kind"])
+
+def _adaptive(model, name: str, parts, **opts) -> SampleResult:
     if name != "ode":
-        _nfe_budget(steps)
-    device = torch.device(device)
-    gen = torch.Generator(device).manual_seed(seed)
-    x_T, v_T = prior(model.cld, num, model.data_shape, gen, device)
-    per = math.prod(model.data_shape)
-    outs, nfe = [], None
-    for s in batch_starts(num, batch, progress, f"cld {name}"):
-        x, v = x_T[s:s + batch], v_T[s:s + batch]
-        if name == "ode":
-            res = sample_ode(model, x, v, **kw)
-        else:
-            fn = sample_sscs if name == "sscs" else sample_em
-            res = fn(model, x, v, steps, seed=seed, noise_offset=s * per,
-                     noise_stride=num * per, **kw)
-        outs.append(model.to_data(res.x0))
-        # Adaptive ODE batches may take different step counts: report the largest.
-        nfe = res.nfe if nfe is None else max(nfe, res.nfe)
-    return torch.cat(outs), nfe
+        raise ValueError(f"cld sampler {name!r} is not adaptive")
+    return sample_ode(model, *parts, **opts)
+
+
+SAMPLING = Sampling(
+    family="cld",
+    samplers={"sscs": Sampler("sscs", 50, ("schedule", "midpoint", "fused", "num_stab")),
+              "em": Sampler("em", 50, ("schedule",)),
+              "ode": Sampler("ode", None, ("rtol", "atol", "method"), plan=False)},
+    prior=_prior, plan=table, bind=_bind, adaptive=_adaptive,
+    finish=lambda model, x: model.to_data(x),
+    prior_scales=lambda model: (1.0, math.sqrt(model.cld.M)))
+
+# sample(model, name, steps, num, seed, device, batch=None, progress=False, **opts): the one driver.
+sample = functools.partial(_driver.sample, SAMPLING)

@@ -2,11 +2,13 @@
 
 x_T ~ N(0, I); for i = T..1: z ~ N(0, I), x_0' = G(x_i, z, i), x_{i-1} ~ q(x_{i-1} | x_i, x_0')
 (sec. 1), the last step (i = 1) returning the posterior mean. NFE = T generator calls, counted.
+The T steps are a posterior plan (samplers/plan.py) run by the one loop.
 
 Randomness: x_T and the latents z are drawn by the caller (z is a net input, not kernel noise);
-the posterior noise is the kernels' Philox stream keyed by `seed`, with counters
-[offset + k * stride, + numel) at the k-th step, so a batch that starts at sample s of a larger
-run passes offset = s * numel_per_sample and stride = total numel to reuse the run's counters.
+the posterior noise is the kernels' Philox stream keyed by `seed` (plan.py: counters).
+
+A model here is anything with denoise(x_i, z, i), schedule (a DDGANSchedule), T, z_dim,
+data_shape, dataset and to_data(x).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Callable
 
 import torch
 
-from fastsample.kernels import dispatch
-from fastsample.samplers import (SampleResult, batch_starts, check_request, check_steps,
-                                 seed_tensor)
+import functools
+
+from fastsample import samplers as _driver
+from fastsample.samplers import SampleResult, Sampler, Sampling, check_steps, seed_tensor
+from fastsample.samplers import plan as plans
 
 SAMPLERS = ("posterior",)
 # The latents come from their own generator, seeded from `seed` by a fixed salt, so they never
@@ -45,10 +49,42 @@ def posterior_plan(schedule) -> tuple[PosteriorStep, ...]:
     return tuple(steps)
 
 
+def posterior_table(schedule, data_shape, z_dim: int, postprocess: str = "none") -> plans.Table:
+    """The plan of posterior sampling with a T-step DDGANSchedule."""
+    steps = posterior_plan(schedule)
+    header = {"family": ("ddgan",), "sampler": ("posterior",), "nfe": (len(steps),),
+              "data_shape": tuple(data_shape), "z_dim": (int(z_dim),),
+              "postprocess": (postprocess,)}
+    rows = [(float(s.i), s.c0, s.c1, s.sigma) for s in steps]
+    return plans.Table(header, plans.POSTERIOR_COLUMNS, rows)
+
+
+def table(model, sampler: str = "posterior", steps: int | None = None, **opts) -> plans.Table:
+    """The plan of a DDGAN Model: its trained T steps (steps, when given, must equal T)."""
+    if sampler != "posterior":
+        raise ValueError(f"unknown sampler {sampler!r} for family ddgan; choose posterior")
+    if opts:
+        raise ValueError(f"sampler 'posterior' of family ddgan takes no options; got "
+                         f"{sorted(opts)}")
+    if steps is not None:
+        check_steps(steps)
+        if steps != model.T:
+            raise ValueError(f"this DDGAN checkpoint was trained with T={model.T}; --steps must "
+                             f"be {model.T}, got {steps}")
+    return posterior_table(model.schedule, model.data_shape, model.z_dim,
+                           plans.postprocess_name(model.data_shape,
+                                                  getattr(model, "dataset", "digits")))
+
+
 def draw_latents(T: int, num: int, z_dim: int, seed: int, device) -> torch.Tensor:
     """z for a whole run, (T, num, z_dim) float32; z[k] feeds the k-th step (i = T - k)."""
     g = torch.Generator(device=device).manual_seed((seed + Z_SEED_SALT) % (1 << 63))
     return torch.randn(T, num, z_dim, generator=g, device=device)
+
+
+def bind_latents(G: Callable, z: torch.Tensor) -> Callable:
+    """The loop's net(x, t, k) for a generator G(x_i, z, i) and latents z (T, N, z_dim)."""
+    return lambda x, t, k: G(x, z[k], t)
 
 
 @torch.no_grad()
@@ -61,52 +97,57 @@ def sample_posterior(G: Callable, x_T: torch.Tensor, schedule, *, seed: int,
     dtype) and nfe = number of G calls per sample (T). callback({'i', 'x', 'x0_pred'}) is called
     after each step. x_T is not modified.
     """
-    plan = posterior_plan(schedule)
-    T, N = len(plan), x_T.shape[0]
+    T, N = schedule.num_steps, x_T.shape[0]
     if not isinstance(z, torch.Tensor) or z.dim() != 3 or tuple(z.shape[:2]) != (T, N):
         shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         raise ValueError(f"z has shape {shape}; expected ({T}, {N}, z_dim) for T={T} steps and "
                          f"N={N} samples")
     if not x_T.is_floating_point():
         raise ValueError(f"x_T must be a floating tensor, got dtype {x_T.dtype}")
-    stride = x_T.numel() if stride is None else stride
+    tab = posterior_table(schedule, tuple(x_T.shape[1:]), z.shape[-1])
     seed_t = seed_tensor(seed, x_T.device)
     x = x_T.clone().contiguous()
-    # Step-index inputs built before the loop: nothing in the loop allocates from host values.
-    times = [torch.full((N,), float(s.i), device=x.device, dtype=torch.float32) for s in plan]
-    nfe = 0
-    for k, s in enumerate(plan):
-        x0_pred = G(x, z[k], times[k]).to(x.dtype).contiguous()
-        nfe += 1
-        dispatch.ddgan_posterior_step_(x, x0_pred, s.c0, s.c1, s.sigma, seed_t,
-                                       offset + k * stride)
-        if callback is not None:
-            callback({"i": s.i, "x": x, "x0_pred": x0_pred})
+    hook = None
+    if callback is not None:
+        def hook(k, x, out):
+            callback({"i": int(tab.rows[k][0]), "x": x, "x0_pred": out})
+    nfe = plans.run(tab, bind_latents(G, z), x, seed=seed_t, offset=offset, stride=stride,
+                    callback=hook)
     return SampleResult(x, nfe)
 
 
-def sample(model, name: str, steps: int, num: int, seed: int, device="cpu",
-           batch: int | None = None, progress: bool = False, **opts) -> tuple[torch.Tensor, int]:
-    """`num` samples in data space (float32) and the NFE per sample, from a DDGAN Model.
+#-----------------------------------------------------------------------------------------------
+# The family's sampling declaration (samplers/__init__.py Sampling).
 
-    x_T comes from torch.Generator(device).manual_seed(seed) for all `num` samples at once and z
-    from draw_latents, so the samples do not depend on `batch` (the kernels' Philox noise does
-    not either; the CPU twins' noise does).
-    """
-    batch = check_request("ddgan", name, SAMPLERS, num, batch, seed, opts)
-    check_steps(steps)
-    if steps != model.T:
-        raise ValueError(f"this DDGAN checkpoint was trained with T={model.T}; --steps must be "
-                         f"{model.T}, got {steps}")
-    device = torch.device(device)
+def prior(model, num: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_T from manual_seed(seed) and z from draw_latents, as (num, ...) and (num, T, z_dim)
+    (a transposed view of the (T, num, z_dim) draw, so batches slice it on axis 0)."""
     g = torch.Generator(device=device).manual_seed(seed)
     x_T = torch.randn((num, *model.data_shape), generator=g, device=device)
     z = draw_latents(model.T, num, model.z_dim, seed, device)
-    per = x_T[0].numel()
-    outs, nfe = [], 0
-    for s in batch_starts(num, batch, progress, f"ddgan {name}"):
-        res = sample_posterior(model.denoise, x_T[s:s + batch], model.schedule, seed=seed,
-                               z=z[:, s:s + batch], offset=s * per, stride=num * per)
-        outs.append(model.to_data(res.x0))
-        nfe = res.nfe
-    return torch.cat(outs), nfe
+    return x_T, z.transpose(0, 1)
+
+
+def bind(model, parts) -> tuple[tuple, Callable]:
+    x_T, z = parts
+    return (x_T.clone().contiguous(),), bind_latents(model.denoise, z.transpose(0, 1))
+
+
+def _no_adaptive(model, name, parts, **opts):
+    raise ValueError(f"ddgan has no adaptive sampler {name!r}")
+
+
+def finish(model, x):
+    return model.to_data(x)
+
+
+SAMPLING = Sampling(
+    family="ddgan", samplers={"posterior": Sampler("posterior", None)},
+    prior=prior, plan=table, bind=bind, adaptive=_no_adaptive, finish=finish,
+    model_steps=lambda model, name: int(model.T))
+
+__all__ = ["SAMPLERS", "SAMPLING", "posterior_plan", "posterior_table", "table", "draw_latents",
+           "sample_posterior", "prior", "Z_SEED_SALT"]
+
+# sample(model, name, steps, num, seed, device, batch=None, progress=False, **opts): the one driver.
+sample = functools.partial(_driver.sample, SAMPLING)

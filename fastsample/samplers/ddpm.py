@@ -32,15 +32,16 @@ import math
 
 import torch
 
-from fastsample.kernels import dispatch
-from fastsample.samplers import (SampleResult, batch_starts, check_request, check_steps,
-                                 seed_tensor)
+import functools
+
+from fastsample import samplers as _driver
+from fastsample.samplers import SampleResult, Sampler, Sampling, check_steps, seed_tensor
 from fastsample.samplers import ode as ode_solver
+from fastsample.samplers import plan as plans
 from fastsample.sde.vp import VPSDE, DDPMSchedule
 
 SAMPLERS = ("ancestral", "ddim", "em", "ode")
 SCHEDULES = ("uniform", "quadratic")
-DEFAULT_STEPS = {"ancestral": 1000, "ddim": 100, "em": 1000, "ode": 0}  # ode: adaptive
 
 #-----------------------------------------------------------------------------------------------
 # Schedules and per-step scalars (float64, on the host, once per call).
@@ -122,25 +123,52 @@ def _check_x(model, x_T: torch.Tensor) -> None:
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected (B, {', '.join(map(str, shape))})")
 
 
+def as_table(model, sampler: str, plan) -> plans.Table:
+    """A list of (t, c_x, c_e, sigma) steps as an affine1 plan."""
+    shape = tuple(model.shape)
+    header = {"family": ("ddpm",), "sampler": (sampler,), "nfe": (len(plan),),
+              "data_shape": shape,
+              "postprocess": (plans.postprocess_name(shape, getattr(model, "dataset", "")),)}
+    return plans.Table(header, plans.AFFINE1_COLUMNS,
+                       [tuple(float(c) for c in p) for p in plan])
+
+
+def bind_eps(eps):
+    return lambda x, t, k: eps(x, t)
+
+
 @torch.no_grad()
 def run_plan(model, x_T: torch.Tensor, plan, *, seed: int = 0, offset: int = 0,
-             stride: int | None = None) -> SampleResult:
-    """x <- c_x x + c_e eps_theta(x, t) + sigma n for each (t, c_x, c_e, sigma) of `plan`.
-
-    One net call per step (nfe = len(plan), counted). No host reads inside the loop: the times
-    are one device tensor built before it, the scalars are python floats."""
+             stride: int | None = None, sampler: str = "plan") -> SampleResult:
+    """x <- c_x x + c_e eps_theta(x, t) + sigma n for each (t, c_x, c_e, sigma) of `plan`, by
+    the one plan loop (samplers/plan.py); nfe = len(plan), counted."""
     _check_x(model, x_T)
-    B = x_T.shape[0]
-    stride = x_T.numel() if stride is None else stride
     x = x_T.clone()
-    seed_t = seed_tensor(seed, x.device)
-    ts = torch.tensor([p[0] for p in plan], dtype=torch.float32, device=x.device)  # (steps,)
-    nfe = 0
-    for k, (_, c_x, c_e, sigma) in enumerate(plan):
-        eps = model.eps(x, ts[k].expand(B)).to(x.dtype)
-        nfe += 1
-        dispatch.vp_em_step_(x, eps, c_x, c_e, sigma, seed_t, offset + k * stride)
+    nfe = plans.run(as_table(model, sampler, plan), bind_eps(model.eps), x,
+                    seed=seed_tensor(seed, x.device), offset=offset, stride=stride)
     return SampleResult(x, nfe)
+
+
+def ancestral_plan(model, steps: int | None = None):
+    """DDPM ancestral steps (Ho et al. 2020, Alg. 2) on DDPMSchedule(model.N): steps = N the
+    full chain; steps < N the posterior between the indices of a uniform subsequence (DDIM with
+    eta = 1); steps > N the full chain of DDPMSchedule(steps)."""
+    steps = model.N if steps is None else check_steps(steps)
+    if steps > model.N:
+        return ddim_plan(model, steps, "uniform", eta=1.0, N=steps)
+    return ddim_plan(model, steps, "uniform", eta=1.0)
+
+
+def table(model, sampler: str, steps: int | None, schedule: str = "uniform",
+          eta: float = 0.0) -> plans.Table:
+    """The plan of a fixed-step DDPM sampler (ancestral | ddim | em)."""
+    if sampler == "ancestral":
+        return as_table(model, sampler, ancestral_plan(model, steps))
+    if sampler == "ddim":
+        return as_table(model, sampler, ddim_plan(model, check_steps(steps), schedule, eta))
+    if sampler == "em":
+        return as_table(model, sampler, em_plan(model, check_steps(steps)))
+    raise ValueError(f"ddpm sampler {sampler!r} has no fixed plan; choose ancestral|ddim|em")
 
 
 def sample_ancestral(model, x_T: torch.Tensor, steps: int | None = None, *, seed: int = 0,
@@ -149,12 +177,8 @@ def sample_ancestral(model, x_T: torch.Tensor, steps: int | None = None, *, seed
 
     steps = model.N (default): the full chain. steps < N: the posterior between the indices of a
     uniform subsequence (DDIM with eta = 1). steps > N: the full chain of DDPMSchedule(steps)."""
-    steps = model.N if steps is None else check_steps(steps)
-    if steps > model.N:
-        plan = ddim_plan(model, steps, "uniform", eta=1.0, N=steps)
-    else:
-        plan = ddim_plan(model, steps, "uniform", eta=1.0)
-    return run_plan(model, x_T, plan, seed=seed, offset=offset, stride=stride)
+    return run_plan(model, x_T, ancestral_plan(model, steps), seed=seed, offset=offset,
+                    stride=stride)
 
 
 def sample_ddim(model, x_T: torch.Tensor, steps: int, *, schedule: str = "uniform",
@@ -203,44 +227,31 @@ def sample_ode(model, x_T: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e
 
 
 #-----------------------------------------------------------------------------------------------
-# One entry point for the CLI: draw x_T, batch, map to data space.
+# The family's sampling declaration (samplers/__init__.py Sampling).
 
-_OPTIONS = {"ancestral": (), "ddim": ("schedule", "eta"), "em": (),
-            "ode": ("rtol", "atol", "method")}
-
-
-def sample(model, name: str, steps: int | None, num: int, seed: int, device="cpu",
-           batch: int | None = None, progress: bool = False, **opts) -> tuple[torch.Tensor, int]:
-    """`num` samples in data space (float32) and the NFE per sample.
-
-    x_T ~ N(0, I) for all `num` samples comes from torch.Generator(device).manual_seed(seed), so
-    x_T of sample j does not depend on `batch`. steps: the sampler's step count (None: the
-    default, 1000 ancestral / 100 ddim / 1000 em; ignored by the adaptive ode, whose NFE is the
-    solver's). opts: ddim schedule=uniform|quadratic, eta; ode rtol, atol, method. For the ode
-    with several batches the reported NFE is the per-sample mean over batches, rounded."""
-    batch = check_request("ddpm", name, SAMPLERS, num, batch, seed, opts, _OPTIONS.get(name, ()))
-    if steps is None:
-        steps = DEFAULT_STEPS[name] or None
-    elif name != "ode":
-        check_steps(steps)
-    device = torch.device(device)
-    shape = tuple(model.shape)
+def _prior(model, num: int, seed: int, device):
     g = torch.Generator(device).manual_seed(seed)
-    x_T = torch.randn((num,) + shape, generator=g, device=device)
-    D = math.prod(shape)
-    outs, nfe_total = [], 0
-    for s0 in batch_starts(num, batch, progress, f"ddpm {name}"):
-        xb = x_T[s0:s0 + batch]
-        if name == "ode":
-            r = sample_ode(model, xb, **opts)
-        else:
-            fn = {"ancestral": sample_ancestral, "ddim": sample_ddim, "em": sample_em}[name]
-            r = fn(model, xb, steps, seed=seed, offset=s0 * D, stride=num * D, **opts)
-        outs.append(r.x0)
-        nfe_total += r.nfe * xb.shape[0]
-    x0 = torch.cat(outs)
-    if not bool(torch.isfinite(x0).all()):
-        raise FloatingPointError(f"sampler {name!r} produced non-finite samples "
-                                 f"(steps={steps}, seed={seed}); the model may be broken")
-    samples = model.to_data(x0).float()
-    return samples, round(nfe_total / num)
+    return (torch.randn((num,) + tuple(model.shape), generator=g, device=device),)
+
+
+def _bind(model, parts):
+    return (parts[0].clone(),), bind_eps(model.eps)
+
+
+def _adaptive(model, name: str, parts, **opts) -> SampleResult:
+    if name != "ode":
+        raise ValueError(f"ddpm sampler {name!r} is not adaptive")
+    return sample_ode(model, parts[0], **opts)
+
+
+SAMPLING = Sampling(
+    family="ddpm",
+    samplers={"ancestral": Sampler("ancestral", 1000), "ddim": Sampler("ddim", 50,
+                                                                       ("schedule", "eta")),
+              "em": Sampler("em", 1000), "ode": Sampler("ode", None, ("rtol", "atol", "method"),
+                                                        plan=False)},
+    prior=_prior, plan=table, bind=_bind, adaptive=_adaptive,
+    finish=lambda model, x: model.to_data(x))
+
+# sample(model, name, steps, num, seed, device, batch=None, progress=False, **opts): the one driver.
+sample = functools.partial(_driver.sample, SAMPLING)

@@ -21,9 +21,11 @@ import math
 
 import torch
 
-from fastsample.kernels import dispatch
-from fastsample.samplers import (SampleResult, batch_starts, check_request, check_steps,
-                                 seed_tensor)
+import functools
+
+from fastsample import samplers as _driver
+from fastsample.samplers import SampleResult, Sampler, Sampling, check_steps, seed_tensor
+from fastsample.samplers import plan as plans
 from fastsample.samplers.ode import solve
 
 SAMPLERS = ("ode", "em")
@@ -88,69 +90,86 @@ def em_grid(steps: int, sde, t_end: float = 0.0) -> torch.Tensor:
     return t
 
 
-@torch.no_grad()
-def sample_em(model, z_T: torch.Tensor, steps: int, *, seed: int, offset: int = 0,
-              t_end: float = 0.0) -> SampleResult:
-    """Reverse-SDE Euler-Maruyama in latent space (grid: `em_grid`); NFE = steps.
-
-    Step i (t_i -> t_{i+1}, h = t_i - t_{i+1} > 0), with score = -eps/sigma:
+def em_table(model, steps: int, t_end: float = 0.0) -> plans.Table:
+    """Reverse-SDE Euler-Maruyama in latent space as an affine1 plan (grid: `em_grid`); NFE =
+    steps. Step i (t_i -> t_{i+1}, h = t_i - t_{i+1} > 0), with score = -eps/sigma:
         z <- (1 + h beta/2) z - (h beta / sigma) eps + sqrt(h beta) n,
-    one fused vp_em_step_ per step, coefficients tabled in float64 before the loop."""
+    coefficients in float64; the last step adds no noise (it returns the mean)."""
     check_steps(steps)
-    _check_z(model, z_T)
     t_end = _check_t_end(t_end)
     sde = model.sde
     t = em_grid(steps, sde, t_end)
-    h = t[:-1] - t[1:]
-    beta = sde.beta(t[:-1])
-    sigma = sde.std(t[:-1])
+    h, t0 = t[:-1] - t[1:], t[:-1]
+    beta, sigma = sde.beta(t0), sde.std(t0)
     c_x = (1 + 0.5 * h * beta).tolist()
     c_e = (-h * beta / sigma).tolist()
     noise = torch.sqrt(h * beta)
-    noise[-1] = 0.0  # the last step returns the mean
-    noise = noise.tolist()
-    t_net = t[:-1].to(torch.float32).to(z_T.device)
+    noise[-1] = 0.0
+    rows = [(float(a), float(b), float(c), float(d))
+            for a, b, c, d in zip(t0.tolist(), c_x, c_e, noise.tolist())]
+    vae = model.vae_cfg
+    header = {"family": ("lsgm",), "sampler": ("em",), "nfe": (steps,),
+              "data_shape": (vae.in_ch, vae.resolution, vae.resolution),
+              "latent_shape": tuple(model.latent_shape), "decode": (model.cfg.decode,),
+              "postprocess": ("quantize17",)}
+    return plans.Table(header, plans.AFFINE1_COLUMNS, rows)
+
+
+def table(model, sampler: str, steps: int, t_end: float = 0.0) -> plans.Table:
+    if sampler != "em":
+        raise ValueError(f"lsgm sampler {sampler!r} has no fixed plan (the ODE is adaptive); "
+                         f"choose em")
+    return em_table(model, steps, t_end)
+
+
+def bind_eps(eps) -> callable:
+    return lambda z, t, k: eps(z, t)
+
+
+@torch.no_grad()
+def sample_em(model, z_T: torch.Tensor, steps: int, *, seed: int, offset: int = 0,
+              stride: int | None = None, t_end: float = 0.0) -> SampleResult:
+    """EM in latent space (see em_table) from z_T (not modified); returns z_0 and the NFE."""
+    tab = em_table(model, steps, t_end)
+    _check_z(model, z_T)
     z = z_T.clone()
-    N, numel = z.shape[0], z.numel()
-    seed_t = seed_tensor(seed, z.device)
-    nfe = 0
-    for i in range(steps):
-        eps = model.eps(z, t_net[i].expand(N))
-        nfe += 1
-        dispatch.vp_em_step_(z, eps, c_x[i], c_e[i], noise[i], seed_t, offset + i * numel)
+    nfe = plans.run(tab, bind_eps(model.eps), z, seed=seed_tensor(seed, z.device),
+                    offset=offset, stride=stride)
     return SampleResult(z, nfe)
 
 
-def sample(model, name: str, steps: int, num: int, seed: int, device, batch: int | None = None,
-           decode: str | None = None, progress: bool = False, **opts) -> tuple[torch.Tensor, float]:
-    """`num` samples in data space (float32 (num, 1, 8, 8), values k/16) and the NFE per sample.
+#-----------------------------------------------------------------------------------------------
+# The family's sampling declaration (samplers/__init__.py Sampling).
 
-    z_T ~ N(0, I) from torch.Generator(device).manual_seed(seed), drawn once for all `num` and
-    split into batches of `batch` (default: all at once). `steps` is the EM step count; the
-    adaptive ODE ignores it (its NFE is what the tolerance needs), but it must still be >= 1.
-    opts go to the sampler (ode: rtol, atol, t_end, method; em: t_end). The returned NFE is
-    the per-sample average over batches (batches may need different NFE under the ODE)."""
-    batch = check_request("lsgm", name, SAMPLERS, num, batch, seed, opts, _OPTS.get(name, ()))
-    check_steps(steps)
-    device = torch.device(device)
+def _prior(model, num: int, seed: int, device):
     g = torch.Generator(device).manual_seed(seed)
-    z_T = torch.randn((num,) + tuple(model.latent_shape), generator=g, device=device)
-    outs, nfe_sum = [], 0
-    for b0 in batch_starts(num, batch, progress, f"lsgm {name}"):
-        zb = z_T[b0:b0 + batch]
-        if name == "ode":
-            res = sample_ode(model, zb, **opts)
-        else:
-            # Distinct Philox ranges per batch: batch b starts after all earlier batches' draws.
-            res = sample_em(model, zb, steps, seed=seed, offset=b0 * zb[0].numel() * steps, **opts)
-        with torch.no_grad():
-            outs.append(model.to_data(model.decode(res.x0, decode)))
-        nfe_sum += res.nfe * zb.shape[0]
-    nfe = nfe_sum / num
-    return torch.cat(outs).float(), int(nfe) if nfe == int(nfe) else nfe
+    return (torch.randn((num,) + tuple(model.latent_shape), generator=g, device=device),)
 
 
-# Options each sampler passes through (see sample_ode / sample_em).
-_OPTS = {"ode": ("rtol", "atol", "t_end", "method"), "em": ("t_end",)}
+def _bind(model, parts):
+    return (parts[0].clone(),), bind_eps(model.eps)
 
-__all__ = ["SAMPLERS", "sample", "sample_ode", "sample_em", "em_grid"]
+
+def _adaptive(model, name: str, parts, **opts) -> SampleResult:
+    if name != "ode":
+        raise ValueError(f"lsgm sampler {name!r} is not adaptive")
+    return sample_ode(model, parts[0], **opts)
+
+
+def finish(model, z0: torch.Tensor, decode: str | None = None) -> torch.Tensor:
+    """Latents to data space: one decoder call (not counted in the NFE: the same one call for
+    every sampler and tolerance), then the digits grid."""
+    return model.to_data(model.decode(z0, decode))
+
+
+SAMPLING = Sampling(
+    family="lsgm",
+    samplers={"ode": Sampler("ode", None, ("rtol", "atol", "t_end", "method"), plan=False),
+              "em": Sampler("em", 100, ("t_end",))},
+    prior=_prior, plan=table, bind=_bind, adaptive=_adaptive, finish=finish,
+    finish_options=("decode",))
+
+__all__ = ["SAMPLERS", "SAMPLING", "sample_ode", "sample_em", "em_grid", "em_table", "table"]
+
+# sample(model, name, steps, num, seed, device, batch=None, progress=False, **opts): the one driver.
+sample = functools.partial(_driver.sample, SAMPLING)

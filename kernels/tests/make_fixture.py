@@ -34,8 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastsample.export.schedule import (Table, cld_table, ddgan_table, postprocess, run_table,
+from fastsample.samplers.plan import (Table, postprocess, run_table,
                                         twin_noise)
+from fastsample.samplers.cld import table as cld_table
+from fastsample.samplers.ddgan import table as ddgan_table
 from fastsample.models import load_model
 from fastsample.samplers import cld as sc
 from fastsample.samplers import ddgan as sd

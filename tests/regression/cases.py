@@ -9,7 +9,7 @@ A case is (id, kind, spec):
                 run in-process through fastsample.cli.main into a temp dir; the npz's
                 `samples` and `nfe`.
   kind "engine" the same with `--engine --batch 64` (fastsample.runtime.Engine).
-  kind "table"  fastsample.export.schedule: the text of the exported Table (`Table.to_text()`)
+  kind "table"  fastsample.samplers.plan: the text of the exported Table (`Table.to_text()`)
                 and run_table(table, net, x_T, twin_noise(table, 0, x_T), ...) on 64 fixed x_T
                 (torch.Generator().manual_seed(0) draws, as tests/test_schedule_table.py does);
                 the raw (model / latent space) loop output.
@@ -209,8 +209,10 @@ def _run_cli(case: Case) -> dict:
 
 
 def _run_table(case: Case) -> dict:
-    from fastsample.export.schedule import (cld_table, ddgan_table, lsgm_table, run_table,
-                                            twin_noise)
+    from fastsample.samplers.cld import table as cld_table
+    from fastsample.samplers.ddgan import table as ddgan_table
+    from fastsample.samplers.lsgm import em_table as lsgm_table
+    from fastsample.samplers.plan import run_table, twin_noise
     from fastsample.models import load_model
     m, _ = load_model(ROOT / case.ckpt)
     fam = case.table["family"]
@@ -223,7 +225,7 @@ def _run_table(case: Case) -> dict:
         out = run_table(tab, m.denoise, x_T, twin_noise(tab, SEED, x_T), z=z)
     elif fam == "cld":
         from fastsample.samplers.cld import prior
-        tab = cld_table(m, case.sampler, case.steps, case.table["kind"])
+        tab = cld_table(m, case.sampler, case.steps, schedule=case.table["kind"])
         x_T, v_T = prior(m.cld, NUM, m.data_shape, g, "cpu")
         out = run_table(tab, m.alpha, x_T, twin_noise(tab, SEED, x_T), v=v_T)
     elif fam == "lsgm":
