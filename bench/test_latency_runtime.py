@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from fastsample.models.registry import released_checkpoint
+from fastsample.runtime import Engine
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -56,8 +57,10 @@ def _eager_fn(model, fam, sampler, steps, batch, compiled: bool):
     if compiled:
         model = copy.deepcopy(model)
         mode = "reduce-overhead" if CUDA else "default"
-        name = {"ddgan": "generator", "cld": "net", "lsgm": "decoder"}[fam]
-        setattr(model, name, torch.compile(getattr(model, name), mode=mode))
+        # Every network of the model (generator, score net, decoder, ...) compiled in place.
+        for name, child in list(model.named_children()):
+            if any(True for _ in child.parameters()):
+                setattr(model, name, torch.compile(child, mode=mode))
     if sampler == "decode":
         def fn(seed):
             g = torch.Generator(DEVICE).manual_seed(seed)
@@ -66,7 +69,6 @@ def _eager_fn(model, fam, sampler, steps, batch, compiled: bool):
                 return model.to_data(model.decode(z))
         return fn
     mod = importlib.import_module(f"fastsample.samplers.{fam}")
-    steps = model.T if fam == "ddgan" else steps
     return lambda seed: mod.sample(model, sampler, steps, batch, seed, DEVICE)[0]
 
 
@@ -84,7 +86,8 @@ def _cpp_fn(fam, sampler, steps, batch, tmp_path):
     art = _ARTIFACTS.get((fam, sampler, steps))
     if art is None:
         art = tmp_path / "artifact"
-        what = "generator" if fam == "ddgan" else "score"
+        from fastsample.export.core import resolve_what
+        what = resolve_what(fam, None)
         cmd = [sys.executable, "-m", "fastsample.export", str(released_checkpoint(fam)),
                "--format", "aoti", "--what", what, "--out", str(art), "--device", DEVICE]
         if steps:
@@ -139,7 +142,6 @@ def test_latency(benchmark, models, device_name, tmp_path, case, batch, backend)
         benchmark.extra_info.update(info)
         return
     if backend == "engine":
-        from fastsample.runtime import Engine
         eng = Engine(model, sampler, steps, batch=batch, device=DEVICE)
         seeds = iter(range(10**9))
 
@@ -165,7 +167,8 @@ def test_latency(benchmark, models, device_name, tmp_path, case, batch, backend)
     p50 = data[len(data) // 2]
     p99 = data[min(len(data) - 1, int(round(0.99 * (len(data) - 1))))]
     info.update(p50_ms=p50 * 1e3, p99_ms=p99 * 1e3, us_per_sample=p50 * 1e6 / batch,
-                nfe=CASES[case][2] or (model.T if fam == "ddgan" else 1))
+                nfe=Engine(model, sampler, steps, device=DEVICE, cuda_graph=False,
+                           noise="torch", warmup=0).nfe)
     if "kernel_seconds" in info:
         info["engine_overhead"] = p50 / info["kernel_seconds"]
     benchmark.extra_info.update(info)

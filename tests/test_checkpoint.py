@@ -85,7 +85,7 @@ def test_card_json_round_trip_and_defaults():
 
 def test_card_validation_names_the_field():
     with pytest.raises(ValueError, match="family"):
-        _card(family="gan")
+        _card(family="GAN model")
     with pytest.raises(ValueError, match="train_steps"):
         _card(train_steps=-1)
     with pytest.raises(ValueError, match="wall_time_s"):
@@ -210,7 +210,7 @@ def test_wrong_family(tmp_path):
         load_checkpoint(p, expect_family="cld")
     assert str(p) in _one_line(e)
     with pytest.raises(ValueError, match="expect_family"):
-        load_checkpoint(p, expect_family="gan")
+        load_checkpoint(p, expect_family="no family!")
 
 
 def test_corrupt_training_state(tmp_path):
@@ -321,3 +321,15 @@ def test_temp_file_is_in_target_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(ck.tempfile, "mkstemp", spy)
     save_checkpoint(tmp_path / "m.safetensors", _weights(), _card())
     assert seen["dir"] == str(tmp_path)
+
+
+def test_unregistered_family_is_refused_by_load_model(tmp_path):
+    """The format accepts any family name; load_model refuses one the registry does not know,
+    naming the file."""
+    from fastsample.models import load_model
+    p = _save(tmp_path, family="gan")
+    assert load_checkpoint(p)[1].family == "gan"
+    with pytest.raises(CheckpointError, match=r"unknown model family 'gan'.*ddgan") as e:
+        load_model(p)
+    assert str(p) in str(e.value)
+

@@ -59,5 +59,9 @@ def load_model(path, device="cpu", expect_family: str | None = None):
     """Read a released checkpoint and return (Model, card) ready for sampling."""
     from fastsample import checkpoint as ck
     sd, card = ck.load_checkpoint(path, expect_family=expect_family)
-    model = get(card.family).module.Model.from_checkpoint(sd, card).to(device).eval()
+    try:
+        entry = get(card.family)
+    except ValueError as e:
+        raise ck.CheckpointError(path, str(e)) from None
+    model = entry.module.Model.from_checkpoint(sd, card).to(device).eval()
     return model, card
