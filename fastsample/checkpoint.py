@@ -34,7 +34,11 @@ from safetensors.torch import save as _st_save
 
 from fastsample import __version__
 
-FORMAT_VERSION = 1
+# 1: each family kept its Config in its own place (ddgan and lsgm inside net_config, cld as the
+#    whole sde_config, ddpm inside sde_config); read and upgraded by the family (registry).
+# 2: one schema for every family: `config` (the family's Config), `data_shape` (one sample in
+#    data space), `net_config` ({module: its network's config}), `sde_config` ({kind, params}).
+FORMAT_VERSION = 2
 # The format knows a family only as a name; which names exist is the registry's business
 # (fastsample.models.registry: load_model refuses an unregistered one, naming the file).
 FAMILY_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
@@ -82,14 +86,15 @@ def training_state_path(checkpoint_path) -> Path:
 
 _REQUIRED = ("family", "dataset", "net_config", "sde_config", "train_steps", "seed",
              "wall_time_s", "package_version", "git_commit", "format_version")
+_REQUIRED_V2 = ("config", "data_shape")
 
 
 @dataclass(frozen=True)
 class CheckpointCard:
     family: str                             # a registered family's name (FAMILY_NAME)
     dataset: str                            # e.g. "digits", "toy2d:gmm25"
-    net_config: dict                        # the net's config as a JSON dict (UNetConfig.to_dict() etc.)
-    sde_config: dict                        # the forward process's parameters as a JSON dict
+    net_config: dict                        # {module name: its network's config dict} (v2)
+    sde_config: dict                        # the forward process: {"kind": ..., parameters}
     train_steps: int                        # optimiser steps taken
     seed: int                               # training seed
     wall_time_s: float                      # training wall time, seconds
@@ -98,6 +103,8 @@ class CheckpointCard:
     format_version: int = FORMAT_VERSION    # bumped on incompatible format changes
     stored_dtype: str = "float32"           # "float32" (as given) or the dtype floats were cast to
     extra: dict = field(default_factory=dict)  # free form: command line, final metrics, ...
+    config: dict | None = None              # v2: the family's Config as a JSON dict
+    data_shape: list | None = None          # v2: one sample's shape in data space
 
     def __post_init__(self):
         problems = _card_problems(dataclasses.asdict(self))
@@ -121,6 +128,8 @@ class CheckpointCard:
             raise ValueError(f"written by a newer fastsample (card format_version {fv}, this "
                              f"fastsample {__version__} reads up to {FORMAT_VERSION}); upgrade fastsample")
         missing = [k for k in _REQUIRED if k not in d]
+        if isinstance(fv, int) and fv >= 2:
+            missing += [k for k in _REQUIRED_V2 if k not in d]
         if missing:
             raise ValueError(f"card lacks required fields {missing}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -149,9 +158,17 @@ def _card_problems(d: dict) -> str:
          f"float32|{'|'.join(STORE_DTYPES)}"),
         ("extra", isinstance(d["extra"], dict), "a dict"),
     ]
+    if _is_int(d["format_version"]) and d["format_version"] >= 2:
+        shape = d.get("data_shape")
+        checks += [
+            ("config", isinstance(d.get("config"), dict), "a dict (format 2)"),
+            ("data_shape", isinstance(shape, list) and 1 <= len(shape) <= 4
+             and all(_is_int(n) and 1 <= n <= 4096 for n in shape),
+             "a list of 1-4 ints in [1, 4096] (format 2)"),
+        ]
     for name, ok, allowed in checks:
         if not ok:
-            return f"{name} = {d[name]!r}; must be {allowed}"
+            return f"{name} = {d.get(name)!r}; must be {allowed}"
     try:
         json.dumps(d, allow_nan=False)
     except (TypeError, ValueError) as e:

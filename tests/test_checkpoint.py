@@ -17,7 +17,8 @@ from fastsample.checkpoint import (CheckpointCard, CheckpointError, load_checkpo
 def _card(**kw):
     base = dict(family="cld", dataset="digits", net_config={"base_ch": 32, "ch_mult": [1, 2]},
                 sde_config={"beta": 4.0, "Gamma": 0.04}, train_steps=1234, seed=7, wall_time_s=12.5,
-                git_commit="abc123", extra={"argv": ["train", "--steps", "1234"], "fd": 1.5})
+                git_commit="abc123", extra={"argv": ["train", "--steps", "1234"], "fd": 1.5},
+                config={"lr": 1e-3}, data_shape=[1, 8, 8])
     base.update(kw)
     return CheckpointCard(**base)
 
@@ -90,6 +91,13 @@ def test_card_validation_names_the_field():
         _card(train_steps=-1)
     with pytest.raises(ValueError, match="wall_time_s"):
         _card(wall_time_s=float("nan"))
+    with pytest.raises(ValueError, match="config"):
+        _card(config=None)
+    for shape in ([], [0, 8], [1, 8, 8, 8, 8], [2.0], "1 8 8"):
+        with pytest.raises(ValueError, match="data_shape"):
+            _card(data_shape=shape)
+    # Format 1 cards have neither (their family upgrades them on load).
+    assert _card(format_version=1, config=None, data_shape=None).config is None
     with pytest.raises(ValueError, match="required fields.*seed"):
         d = json.loads(_card().to_json())
         del d["seed"]

@@ -63,5 +63,9 @@ def load_model(path, device="cpu", expect_family: str | None = None):
         entry = get(card.family)
     except ValueError as e:
         raise ck.CheckpointError(path, str(e)) from None
+    try:
+        card = entry.upgrade_card(card)
+    except ValueError as e:
+        raise ck.CheckpointError(path, str(e)) from None
     model = entry.module.Model.from_checkpoint(sd, card).to(device).eval()
     return model, card

@@ -27,7 +27,7 @@ from torch import nn
 from fastsample.nets import MLPConfig, TimeMLP, UNet, UNetConfig
 from fastsample.nets.layers import config_from_dict
 from fastsample.sde import CLD, CLDConfig
-from fastsample.models.registry import ExportPart, IOTensor
+from fastsample.models.registry import ExportPart, IOTensor, card_dict
 
 SAMPLERS = ("sscs", "em", "ode")
 NETS = ("unet", "mlp")
@@ -179,14 +179,14 @@ class Model(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, state_dict: dict, card) -> "Model":
-        """Rebuild from exactly the card: net_config names the net, sde_config is the Config."""
-        get = card.get if isinstance(card, dict) else lambda k: getattr(card, k)
-        config = Config.from_dict(get("sde_config"))
-        net_cfg = dict(get("net_config"))
+        """Rebuild from exactly the card: `config` is the Config, net_config["net"] the net."""
+        card = upgrade_card(card_dict(card))
+        config = Config.from_dict(card["config"])
+        net_cfg = dict(card["net_config"]["net"])
         kind = net_cfg.pop("kind", None)
         if kind != config.net:
-            raise ValueError(f"cld card: net_config kind {kind!r} does not match sde_config net "
-                             f"{config.net!r}")
+            raise ValueError(f"cld card: net_config kind {kind!r} does not match the config's "
+                             f"net {config.net!r}")
         cfg_cls = UNetConfig if kind == "unet" else MLPConfig
         net_cfg = cfg_cls.from_dict({k: tuple(v) if isinstance(v, list) else v
                                      for k, v in net_cfg.items()})
@@ -200,6 +200,28 @@ class Model(nn.Module):
 
 #-----------------------------------------------------------------------------------------------
 # Training: hybrid score matching (sec. 3.1) with the mixed score (3.2) and a weighting (3.3).
+
+_SDE_KEYS = ("Minv", "beta0", "beta1", "gamma", "numerical_eps", "sampling_eps", "mixed_score")
+
+
+def _sde_info(config: dict) -> dict:
+    return {"kind": "cld", **{k: config[k] for k in _SDE_KEYS if k in config}}
+
+
+def upgrade_card(card: dict) -> dict:
+    """Format 1 kept the whole Config as sde_config and the net's dict as net_config; format 2
+    moves them to config and net_config["net"]."""
+    if card.get("config") is not None:
+        return card
+    try:
+        config, net = dict(card["sde_config"]), dict(card["net_config"])
+        shape = list(config["data_shape"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"cld checkpoint card (format 1) lacks {e}; expected the Config as "
+                         f"sde_config") from None
+    return {**card, "config": config, "data_shape": shape, "net_config": {"net": net},
+            "sde_config": _sde_info(config), "format_version": 2}
+
 
 def hsm_loss(net: nn.Module, cld: CLD, x0: torch.Tensor, t: torch.Tensor, eps_x: torch.Tensor,
              eps_v: torch.Tensor, mixed_score: bool, weighting: str = "reweightedv2"
@@ -265,9 +287,11 @@ class Family:
 
     def card(self) -> dict:
         net_cfg = self.config.net_config()
-        return {"dataset": self.data.name,
-                "net_config": {"kind": self.config.net, **net_cfg.to_dict()},
-                "sde_config": self.config.to_dict()}
+        config = self.config.to_dict()
+        return {"dataset": self.data.name, "config": config,
+                "data_shape": list(self.config.data_shape),
+                "net_config": {"net": {"kind": self.config.net, **net_cfg.to_dict()}},
+                "sde_config": _sde_info(config)}
 
     def evaluate(self, ema_modules: dict[str, nn.Module]) -> dict:
         """Metrics of eval_samples SSCS-QS samples at eval_nfe from the EMA net."""

@@ -24,7 +24,7 @@ from fastsample.nets import (Discriminator, DiscriminatorConfig, MLPConfig, Time
 from fastsample.data import dequantize_digits
 from fastsample.data.images import DIGITS_LEVELS
 from fastsample.sde import ddgan_schedule
-from fastsample.models.registry import ExportPart, IOTensor
+from fastsample.models.registry import ExportPart, IOTensor, card_dict
 from fastsample.samplers import plan as plans
 
 SAMPLERS = ("posterior",)
@@ -279,15 +279,14 @@ class Model(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, state_dict: dict, card) -> "Model":
-        net = card.net_config if hasattr(card, "net_config") else card["net_config"]
-        dataset = card.dataset if hasattr(card, "dataset") else card["dataset"]
+        card = upgrade_card(card_dict(card))
+        shape = tuple(card["data_shape"])
         try:
             cfg = Config(**{k: tuple(v) if isinstance(v, list) else v
-                            for k, v in net["config"].items()})
-            model = cls(cfg, dataset, net["kind"], tuple(net["data_shape"]))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"ddgan checkpoint card: net_config is missing or has a bad field "
-                             f"({e}); expected keys config, kind, data_shape") from None
+                            for k, v in card["config"].items()})
+        except TypeError as e:
+            raise ValueError(f"ddgan checkpoint card: config is not a ddgan Config ({e})") from None
+        model = cls(cfg, card["dataset"], "points" if len(shape) == 1 else "image", shape)
         model.generator.load_state_dict(state_dict)
         return model
 
@@ -457,10 +456,10 @@ class Family:
 
     def card(self) -> dict:
         gcfg = generator_config(self.cfg, self.data_shape)
-        return {"dataset": self.data.name,
-                "net_config": {"config": _json_safe(asdict(self.cfg)), "kind": self.kind,
-                               "data_shape": list(self.data_shape),
-                               "generator": _json_safe(gcfg.to_dict())},
+        return {"dataset": self.data.name, "config": _json_safe(asdict(self.cfg)),
+                "data_shape": list(self.data_shape),
+                "net_config": {"generator": {"kind": self.cfg.arch,
+                                             **_json_safe(gcfg.to_dict())}},
                 "sde_config": {"kind": "ddgan_schedule", "T": self.cfg.T, "eps": self.cfg.eps,
                                "beta_min": self.cfg.beta_min, "beta_max": self.cfg.beta_max,
                                "t_power": self.cfg.t_power}}
@@ -550,6 +549,24 @@ def grid25_modes(x: torch.Tensor, min_share: float = 0.2) -> dict:
     counts = torch.bincount(k, minlength=len(means))
     hit = int((counts >= min_share * len(x) / len(means)).sum())
     return {"modes_hit": hit, "within_3std": float((dist < 3 * std).float().mean())}
+
+
+def upgrade_card(card: dict) -> dict:
+    """Format 1 kept the Config, the data kind and shape and the generator's dict inside
+    net_config; format 2 moves them to config, data_shape and net_config["generator"]."""
+    if card.get("config") is not None:
+        return card
+    try:
+        net = card["net_config"]
+        config, shape = net["config"], list(net["data_shape"])
+        gen = {"kind": config["arch"], **net["generator"]}
+        if net["kind"] != ("points" if len(shape) == 1 else "image"):
+            raise ValueError(f"data kind {net['kind']!r} does not fit data_shape {shape}")
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"ddgan checkpoint card (format 1) lacks {e}; expected net_config "
+                         f"with config, kind, data_shape and generator") from None
+    return {**card, "config": config, "data_shape": shape, "net_config": {"generator": gen},
+            "format_version": 2}
 
 
 def _json_safe(d: dict) -> dict:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fastsample.data import Dataset, quantize_digits
+from fastsample.models.registry import card_dict
 from fastsample.nets import MLPConfig, TimeMLP, UNet, UNetConfig
 from fastsample.samplers.ddpm import SAMPLERS  # noqa: F401  (family contract)
 from fastsample.sde.vp import VPSDE
@@ -146,27 +147,46 @@ class Model(nn.Module):
 
     def card(self) -> dict:
         netcfg = self.net.cfg
-        return {"dataset": self.dataset,
-                "net_config": {"arch": self.cfg.arch, "shape": list(self.shape),
-                               "net": netcfg.to_dict()},
+        return {"dataset": self.dataset, "config": _json_config(self.cfg),
+                "data_shape": list(self.shape),
+                "net_config": {"net": {"kind": self.cfg.arch, **netcfg.to_dict()}},
                 "sde_config": {"kind": "vp", "beta_min": self.cfg.beta_min,
                                "beta_max": self.cfg.beta_max, "t_eps": self.cfg.t_eps,
-                               "N": self.cfg.N, "config": _json_config(self.cfg)}}
+                               "N": self.cfg.N}}
 
     @classmethod
     def from_checkpoint(cls, state_dict: dict, card) -> "Model":
         """Rebuild from a released checkpoint (EMA weights of "net") and its card."""
+        card = upgrade_card(card_dict(card))
         try:
             cfg = Config(**{k: tuple(v) if isinstance(v, list) else v
-                            for k, v in card.sde_config["config"].items()})
-            shape = tuple(card.net_config["shape"])
-            cls_cfg = UNetConfig if card.net_config["arch"] == "unet" else MLPConfig
-            netcfg = cls_cfg.from_dict(card.net_config["net"])
+                            for k, v in card["config"].items()})
+            shape = tuple(card["data_shape"])
+            net = dict(card["net_config"]["net"])
+            cls_cfg = UNetConfig if net.pop("kind") == "unet" else MLPConfig
+            netcfg = cls_cfg.from_dict(net)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"ddpm checkpoint card is not a ddpm card ({type(e).__name__}: {e})") from None
-        model = cls(build_net(netcfg), cfg, card.dataset, shape)
+        model = cls(build_net(netcfg), cfg, card["dataset"], shape)
         model.net.load_state_dict(state_dict)
         return model.eval()
+
+
+def upgrade_card(card: dict) -> dict:
+    """Format 1 kept the Config in sde_config["config"] and the net as net_config {arch, shape,
+    net}; format 2 moves them to config, data_shape and net_config["net"] (with its kind)."""
+    if card.get("config") is not None:
+        return card
+    try:
+        sde, net = dict(card["sde_config"]), dict(card["net_config"])
+        config = sde.pop("config")
+        shape, arch, netcfg = list(net["shape"]), net["arch"], dict(net["net"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"ddpm checkpoint card (format 1) lacks {e}; expected sde_config.config "
+                         f"and net_config arch, shape, net") from None
+    return {**card, "config": config, "data_shape": shape,
+            "net_config": {"net": {"kind": arch, **netcfg}}, "sde_config": sde,
+            "format_version": 2}
 
 
 def _json_config(cfg: Config) -> dict:

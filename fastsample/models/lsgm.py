@@ -47,7 +47,7 @@ from torch import nn
 from fastsample.nets import Decoder, Encoder, UNet, UNetConfig, VAEConfig
 from fastsample.nets.vae import bits_per_dim
 from fastsample.sde import GeometricVPSDE
-from fastsample.models.registry import ExportPart, IOTensor
+from fastsample.models.registry import ExportPart, IOTensor, card_dict
 
 SAMPLERS = ("ode", "em")
 T_SAMPLINGS = ("is", "uniform")
@@ -358,12 +358,12 @@ class Model(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, state_dict: dict, card) -> "Model":
-        net = card.net_config if hasattr(card, "net_config") else card["net_config"]
-        dataset = card.dataset if hasattr(card, "dataset") else card["dataset"]
+        card = upgrade_card(card_dict(card))
+        dataset = card["dataset"]
         try:
-            cfg = Config(**net["config"])
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"lsgm checkpoint card: net_config lacks a valid 'config' ({e})") from None
+            cfg = Config(**card["config"])
+        except TypeError as e:
+            raise ValueError(f"lsgm checkpoint card: config is not an lsgm Config ({e})") from None
         model = cls(cfg, dataset)
         parts = {"encoder": {}, "decoder": {}, "prior": {}}
         for k, v in state_dict.items():
@@ -454,8 +454,10 @@ class Family:
         return loss_prior.detach()
 
     def card(self) -> dict:
-        return {"dataset": self.data.name,
-                "net_config": {"config": asdict(self.cfg), "vae": _json_safe(self.vae_cfg.to_dict()),
+        v = self.vae_cfg
+        return {"dataset": self.data.name, "config": asdict(self.cfg),
+                "data_shape": [v.in_ch, v.resolution, v.resolution],
+                "net_config": {"vae": _json_safe(v.to_dict()),
                                "prior": _json_safe(prior_config(self.cfg).to_dict())},
                 "sde_config": {"kind": "geometric_vp", "sigma2_min": self.cfg.sigma2_min,
                                "sigma2_max": self.cfg.sigma2_max, "T": 1.0}}
@@ -481,6 +483,22 @@ class Family:
             out.update(metrics.evaluate(x.cpu(), "digits"))
         out["nfe_ode_1e-3"] = nfe
         return out
+
+
+def upgrade_card(card: dict) -> dict:
+    """Format 1 kept the Config in net_config["config"] beside the vae and prior dicts; format 2
+    moves it to config and records the data shape (the VAE's input)."""
+    if card.get("config") is not None:
+        return card
+    try:
+        net = dict(card["net_config"])
+        config, vae = net.pop("config"), net["vae"]
+        shape = [vae["in_ch"], vae["resolution"], vae["resolution"]]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"lsgm checkpoint card (format 1) lacks {e}; expected net_config with "
+                         f"config and vae") from None
+    return {**card, "config": config, "data_shape": shape, "net_config": net,
+            "format_version": 2}
 
 
 def _json_safe(d: dict) -> dict:

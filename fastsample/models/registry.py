@@ -14,7 +14,8 @@ of them branches on a family name:
     export_sampler    the fixed-plan sampler whose table an export writes by default
     exports           the module's EXPORTS: {what: builder(model, table) -> ExportPart}, the
                       first the default `--what`
-    upgrade_card      old card dict -> current schema (checkpoint.py calls it on load)
+    upgrade_card      the module's upgrade_card(card dict) -> the format-2 card dict (a format-1
+                      card kept the Config in a family-specific place)
 
 Adding a family: write its model module (models/<name>.py) and its samplers module
 (samplers/<name>.py, with a SAMPLING), then one `Entry` in `_ENTRIES` below
@@ -23,6 +24,7 @@ Adding a family: write its model module (models/<name>.py) and its samplers modu
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +71,11 @@ class ExportPart:
     calls: int = 1            # network evaluations in the graph (scales the parity tolerance)
 
 
-def _same(card: dict) -> dict:
-    return card
+def card_dict(card) -> dict:
+    """A checkpoint card (CheckpointCard or its dict) as a plain dict."""
+    if isinstance(card, dict):
+        return dict(card)
+    return dataclasses.asdict(card)
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,6 @@ class Entry:
     default: tuple
     engine: tuple = ()
     export_sampler: str | None = None
-    upgrade_card: Callable = _same
 
     @property
     def module(self) -> ModuleType:
@@ -94,6 +98,11 @@ class Entry:
     @property
     def samplers(self) -> tuple:
         return tuple(self.sampling.samplers)
+
+    def upgrade_card(self, card):
+        """A loaded card in the current schema (format 1 is upgraded by the family)."""
+        up = self.module.upgrade_card(card_dict(card))
+        return type(card)(**up) if not isinstance(card, dict) else up
 
     @property
     def exports(self) -> dict:

@@ -102,6 +102,38 @@ class Sampling:
         return self.sampler(name).steps
 
 
+#-----------------------------------------------------------------------------------------------
+# Building blocks for a family whose state is one tensor x ~ N(0, I) and whose network is an
+# eps(x, t) (DDPM in pixels, LSGM in its latent space).
+
+def eps_net(eps: Callable) -> Callable:
+    """An eps(x, t) network as the loop's net(x, t, k)."""
+    return lambda x, t, k: eps(x, t)
+
+
+def normal_prior(shape_of: Callable) -> Callable:
+    """prior(model, num, seed, device): (x_T,) ~ N(0, I) of shape (num, *shape_of(model)),
+    drawn from torch.Generator(device).manual_seed(seed)."""
+    def prior(model, num: int, seed: int, device):
+        g = torch.Generator(device).manual_seed(seed)
+        return (torch.randn((num,) + tuple(shape_of(model)), generator=g, device=device),)
+    return prior
+
+
+def bind_eps(model, parts):
+    """bind for a one-tensor state and the model's eps network."""
+    return (parts[0].clone(),), eps_net(model.eps)
+
+
+def adaptive_samplers(family: str, **fns: Callable) -> Callable:
+    """adaptive(model, name, parts, **opts) dispatching to fns[name](model, *parts, **opts)."""
+    def adaptive(model, name: str, parts, **opts) -> SampleResult:
+        if name not in fns:
+            raise ValueError(f"{family} sampler {name!r} is not adaptive")
+        return fns[name](model, *parts, **opts)
+    return adaptive
+
+
 def _check_int(name: str, v, lo: int, hi: int) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")

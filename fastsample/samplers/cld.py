@@ -19,13 +19,12 @@ solver plus the same denoising row.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from fastsample.kernels import dispatch
-import functools
-
 from fastsample import samplers as _driver
 from fastsample.samplers import SampleResult, Sampler, Sampling, check_steps, seed_tensor
 from fastsample.samplers import plan as plans
@@ -239,18 +238,13 @@ def _bind(model, parts):
     return (x.clone(), v.clone()), model.alpha
 
 
-def _adaptive(model, name: str, parts, **opts) -> SampleResult:
-    if name != "ode":
-        raise ValueError(f"cld sampler {name!r} is not adaptive")
-    return sample_ode(model, *parts, **opts)
-
-
 SAMPLING = Sampling(
     family="cld",
     samplers={"sscs": Sampler("sscs", 50, ("schedule", "midpoint", "fused", "num_stab")),
               "em": Sampler("em", 50, ("schedule",)),
               "ode": Sampler("ode", None, ("rtol", "atol", "method"), plan=False)},
-    prior=_prior, plan=table, bind=_bind, adaptive=_adaptive,
+    prior=_prior, plan=table, bind=_bind,
+    adaptive=_driver.adaptive_samplers("cld", ode=sample_ode),
     finish=lambda model, x: model.to_data(x),
     prior_scales=lambda model: (1.0, math.sqrt(model.cld.M)))
 

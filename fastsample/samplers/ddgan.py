@@ -13,13 +13,12 @@ data_shape, dataset and to_data(x).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-
-import functools
 
 from fastsample import samplers as _driver
 from fastsample.samplers import SampleResult, Sampler, Sampling, check_steps, seed_tensor
@@ -133,17 +132,13 @@ def bind(model, parts) -> tuple[tuple, Callable]:
     return (x_T.clone().contiguous(),), bind_latents(model.denoise, z.transpose(0, 1))
 
 
-def _no_adaptive(model, name, parts, **opts):
-    raise ValueError(f"ddgan has no adaptive sampler {name!r}")
-
-
 def finish(model, x):
     return model.to_data(x)
 
 
 SAMPLING = Sampling(
     family="ddgan", samplers={"posterior": Sampler("posterior", None)},
-    prior=prior, plan=table, bind=bind, adaptive=_no_adaptive, finish=finish,
+    prior=prior, plan=table, bind=bind, adaptive=_driver.adaptive_samplers("ddgan"), finish=finish,
     model_steps=lambda model, name: int(model.T))
 
 __all__ = ["SAMPLERS", "SAMPLING", "posterior_plan", "posterior_table", "table", "draw_latents",

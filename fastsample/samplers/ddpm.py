@@ -28,11 +28,10 @@ size (on the Triton path; the CPU twins key a generator by (seed, offset) instea
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-
-import functools
 
 from fastsample import samplers as _driver
 from fastsample.samplers import SampleResult, Sampler, Sampling, check_steps, seed_tensor
@@ -133,10 +132,6 @@ def as_table(model, sampler: str, plan) -> plans.Table:
                        [tuple(float(c) for c in p) for p in plan])
 
 
-def bind_eps(eps):
-    return lambda x, t, k: eps(x, t)
-
-
 @torch.no_grad()
 def run_plan(model, x_T: torch.Tensor, plan, *, seed: int = 0, offset: int = 0,
              stride: int | None = None, sampler: str = "plan") -> SampleResult:
@@ -144,7 +139,7 @@ def run_plan(model, x_T: torch.Tensor, plan, *, seed: int = 0, offset: int = 0,
     the one plan loop (samplers/plan.py); nfe = len(plan), counted."""
     _check_x(model, x_T)
     x = x_T.clone()
-    nfe = plans.run(as_table(model, sampler, plan), bind_eps(model.eps), x,
+    nfe = plans.run(as_table(model, sampler, plan), _driver.eps_net(model.eps), x,
                     seed=seed_tensor(seed, x.device), offset=offset, stride=stride)
     return SampleResult(x, nfe)
 
@@ -229,28 +224,14 @@ def sample_ode(model, x_T: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e
 #-----------------------------------------------------------------------------------------------
 # The family's sampling declaration (samplers/__init__.py Sampling).
 
-def _prior(model, num: int, seed: int, device):
-    g = torch.Generator(device).manual_seed(seed)
-    return (torch.randn((num,) + tuple(model.shape), generator=g, device=device),)
-
-
-def _bind(model, parts):
-    return (parts[0].clone(),), bind_eps(model.eps)
-
-
-def _adaptive(model, name: str, parts, **opts) -> SampleResult:
-    if name != "ode":
-        raise ValueError(f"ddpm sampler {name!r} is not adaptive")
-    return sample_ode(model, parts[0], **opts)
-
-
 SAMPLING = Sampling(
     family="ddpm",
     samplers={"ancestral": Sampler("ancestral", 1000), "ddim": Sampler("ddim", 50,
                                                                        ("schedule", "eta")),
               "em": Sampler("em", 1000), "ode": Sampler("ode", None, ("rtol", "atol", "method"),
                                                         plan=False)},
-    prior=_prior, plan=table, bind=_bind, adaptive=_adaptive,
+    prior=_driver.normal_prior(lambda model: model.shape), plan=table, bind=_driver.bind_eps,
+    adaptive=_driver.adaptive_samplers("ddpm", ode=sample_ode),
     finish=lambda model, x: model.to_data(x))
 
 # sample(model, name, steps, num, seed, device, batch=None, progress=False, **opts): the one driver.

@@ -17,11 +17,10 @@ The geometric SDE has sigma_0^2 = sigma2_min > 0, so t_end = 0 is regular (defau
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-
-import functools
 
 from fastsample import samplers as _driver
 from fastsample.samplers import SampleResult, Sampler, Sampling, check_steps, seed_tensor
@@ -122,10 +121,6 @@ def table(model, sampler: str, steps: int, t_end: float = 0.0) -> plans.Table:
     return em_table(model, steps, t_end)
 
 
-def bind_eps(eps) -> callable:
-    return lambda z, t, k: eps(z, t)
-
-
 @torch.no_grad()
 def sample_em(model, z_T: torch.Tensor, steps: int, *, seed: int, offset: int = 0,
               stride: int | None = None, t_end: float = 0.0) -> SampleResult:
@@ -133,28 +128,13 @@ def sample_em(model, z_T: torch.Tensor, steps: int, *, seed: int, offset: int = 
     tab = em_table(model, steps, t_end)
     _check_z(model, z_T)
     z = z_T.clone()
-    nfe = plans.run(tab, bind_eps(model.eps), z, seed=seed_tensor(seed, z.device),
+    nfe = plans.run(tab, _driver.eps_net(model.eps), z, seed=seed_tensor(seed, z.device),
                     offset=offset, stride=stride)
     return SampleResult(z, nfe)
 
 
 #-----------------------------------------------------------------------------------------------
 # The family's sampling declaration (samplers/__init__.py Sampling).
-
-def _prior(model, num: int, seed: int, device):
-    g = torch.Generator(device).manual_seed(seed)
-    return (torch.randn((num,) + tuple(model.latent_shape), generator=g, device=device),)
-
-
-def _bind(model, parts):
-    return (parts[0].clone(),), bind_eps(model.eps)
-
-
-def _adaptive(model, name: str, parts, **opts) -> SampleResult:
-    if name != "ode":
-        raise ValueError(f"lsgm sampler {name!r} is not adaptive")
-    return sample_ode(model, parts[0], **opts)
-
 
 def finish(model, z0: torch.Tensor, decode: str | None = None) -> torch.Tensor:
     """Latents to data space: one decoder call (not counted in the NFE: the same one call for
@@ -166,7 +146,9 @@ SAMPLING = Sampling(
     family="lsgm",
     samplers={"ode": Sampler("ode", None, ("rtol", "atol", "t_end", "method"), plan=False),
               "em": Sampler("em", 100, ("t_end",))},
-    prior=_prior, plan=table, bind=_bind, adaptive=_adaptive, finish=finish,
+    prior=_driver.normal_prior(lambda model: model.latent_shape), plan=table,
+    bind=_driver.bind_eps, adaptive=_driver.adaptive_samplers("lsgm", ode=sample_ode),
+    finish=finish,
     finish_options=("decode",))
 
 __all__ = ["SAMPLERS", "SAMPLING", "sample_ode", "sample_em", "em_grid", "em_table", "table"]
