@@ -166,6 +166,26 @@ def _is_num(v) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Atomic write.
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc/self/status), so
+    other threads never see a temporary umask of 0."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def default_file_mode() -> int:
+    """0o666 minus the umask: the mode open() gives a new file (mkstemp would give 0600)."""
+    return 0o666 & ~current_umask()
+
+
 def _atomic_write(path, write) -> None:
     """Call write(fileobj) on a temp file beside `path`, fsync, then os.replace onto `path`.
 
@@ -183,6 +203,7 @@ def _atomic_write(path, write) -> None:
                                     f"{e.strerror or e} (read-only or no permission?)") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), default_file_mode())
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -343,7 +343,7 @@ def _demo_latency(ns, out) -> None:
             raise RuntimeError(f"exporting the DDGAN sampler failed (exit {rc})")
     from fastsample.export.onnx import ort_session
     model, _ = load_model(ckpt, device=ns.device)
-    sess = ort_session(art / "model.onnx", "cpu")
+    sess = ort_session(art, "cpu")          # a directory: sha256s verified first
     T, zd, shape = model.T, model.z_dim, model.data_shape
     g = torch.Generator().manual_seed(ns.seed)
     feed = {"x_T": torch.randn((1, *shape), generator=g).numpy(),
