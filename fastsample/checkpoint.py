@@ -361,9 +361,41 @@ def load_checkpoint(path, expect_family: str | None = None, map_location="cpu"):
             tensors = {k: v.to(getattr(torch, orig[k])) if k in orig else v for k, v in tensors.items()}
         except (json.JSONDecodeError, AttributeError, TypeError) as e:
             raise CheckpointError(path, f"corrupt {ORIG_DTYPES_KEY} metadata ({e})") from None
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(path, f"tensor {k!r} holds {bad} NaN/inf value(s) of "
+                                        f"{v.numel()}; refusing to load non-finite weights")
     if str(map_location) != "cpu":
         tensors = {k: v.to(map_location) for k, v in tensors.items()}
     return tensors, card
+
+
+def build_model(path, build, state_dict: dict, card: CheckpointCard):
+    """build(state_dict, card) -> nn.Module (a family's Model.from_checkpoint), with every way
+    the weights can disagree with the net the card describes turned into one CheckpointError
+    naming the file: missing / unexpected / wrong-shape tensors (load_state_dict's
+    RuntimeError), a state or card of another family (KeyError, TypeError, ValueError), and a
+    non-float tensor loaded into a float parameter (load_state_dict would cast it silently)."""
+    try:
+        model = build(state_dict, card)
+    except CheckpointError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        if len(text) > 300:
+            text = text[:300] + " ..."
+        raise CheckpointError(path, f"does not fit the {card.family} net its card describes "
+                                    f"({type(e).__name__}: {text})") from None
+    expected = model.state_dict()
+    for k, v in state_dict.items():
+        if v.is_floating_point():
+            continue
+        targets = [m for m in expected if m == k or m.endswith("." + k)]
+        if targets and all(expected[m].is_floating_point() for m in targets):
+            raise CheckpointError(path, f"tensor {k!r} is {str(v.dtype).replace('torch.', '')}, "
+                                        f"where the {card.family} net expects a float tensor")
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

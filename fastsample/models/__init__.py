@@ -62,5 +62,5 @@ def load_model(path, device="cpu", expect_family: str | None = None):
     from fastsample import checkpoint as ck
     sd, card = ck.load_checkpoint(path, expect_family=expect_family)
     mod = family_module(card.family)
-    model = mod.Model.from_checkpoint(sd, card).to(device).eval()
+    model = ck.build_model(path, mod.Model.from_checkpoint, sd, card).to(device).eval()
     return model, card
