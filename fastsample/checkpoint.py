@@ -109,8 +109,11 @@ class CheckpointCard:
         """Parse and validate; a newer format_version is reported before anything else."""
         try:
             d = json.loads(text)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"card is not valid JSON ({e})") from None
+        except (ValueError, TypeError, RecursionError) as e:
+            # ValueError: JSONDecodeError and ints beyond Python's digit limit; RecursionError:
+            # nesting too deep for the decoder
+            raise ValueError(f"card is not valid JSON ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from None
         if not isinstance(d, dict):
             raise ValueError(f"card is a JSON {type(d).__name__}, expected an object")
         fv = d.get("format_version")
@@ -141,7 +144,8 @@ def _card_problems(d: dict) -> str:
         ("git_commit", isinstance(d["git_commit"], str), "a string"),
         ("format_version", _is_int(d["format_version"]) and 1 <= d["format_version"] <= FORMAT_VERSION,
          f"an int in [1, {FORMAT_VERSION}]"),
-        ("stored_dtype", d["stored_dtype"] == "float32" or d["stored_dtype"] in STORE_DTYPES,
+        ("stored_dtype", isinstance(d["stored_dtype"], str)
+         and (d["stored_dtype"] == "float32" or d["stored_dtype"] in STORE_DTYPES),
          f"float32|{'|'.join(STORE_DTYPES)}"),
         ("extra", isinstance(d["extra"], dict), "a dict"),
     ]
@@ -150,7 +154,7 @@ def _card_problems(d: dict) -> str:
             return f"{name} = {d[name]!r}; must be {allowed}"
     try:
         json.dumps(d, allow_nan=False)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         return f"not JSON-serialisable ({e})"
     return ""
 
@@ -288,7 +292,7 @@ def _read_header(path: Path, blob: bytes) -> dict:
                                     f"file has {len(blob) - 8} after the length field)")
     try:
         header = json.loads(blob[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:   # UnicodeDecodeError, JSONDecodeError, ...
         raise CheckpointError(path, f"corrupt safetensors header (not valid JSON: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "corrupt safetensors header (not a JSON object)")
@@ -333,7 +337,7 @@ def _card_from_header(path: Path, header: dict) -> CheckpointCard:
                                     f"{CARD_KEY!r} missing); not written by fastsample.save_checkpoint")
     try:
         return CheckpointCard.from_json(meta[CARD_KEY])
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:
         raise CheckpointError(path, f"invalid card: {e}") from None
 
 
