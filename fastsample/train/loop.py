@@ -20,8 +20,10 @@ Safety of a run directory (issue 18):
   TrainingInterrupted (exit_code 130 / 143) is raised; `fastsample train` prints one line.
 - divergence guard: a loss with |loss| > LOSS_BOUND or a parameter with max |w| > WEIGHT_BOUND
   (or any non-finite value) stops the run with TrainingError before anything is saved, so the
-  last checkpoint on disk is the last good one. The released recipes stay far below both bounds
-  (losses O(1)..O(10^2) from step 1 on, released weights max |w| < 40).
+  last checkpoint on disk is the last good one. The released recipes stay far below both bounds:
+  measured with each family's default recipe (first 15 steps on digits, 300 on toy2d:grid25),
+  every loss handed to optimize() was at most 7.2 and every parameter's max |w| at most 3.1;
+  the released checkpoints' tensors are at most 34 in magnitude.
 - --resume checks the state against the run: same family, data set and family config (net and
   sde config; train_steps may differ), a step in 0..steps; mismatches are TrainingError.
 """
