@@ -225,13 +225,16 @@ def mutated_manifests(draw):
             if isinstance(m.get("batch"), dict):
                 m["batch"][what[6:]] = draw(SIZES | json_values)
         elif what == "dim":
-            m["inputs"][0]["shape"][1] = draw(SIZES | json_values)
+            if "inputs" in m:
+                m["inputs"][0]["shape"][1] = draw(SIZES | json_values)
         elif what == "file":
-            m["files"][draw(st.sampled_from(["../x", "/etc/passwd", "", "a/../b", "ok.bin",
+            if isinstance(m.get("files"), dict):
+                m["files"][draw(st.sampled_from(["../x", "/etc/passwd", "", "a/../b", "ok.bin",
                                              "manifest.json", "a//b", "c\\d"])
-                            | st.text(max_size=10))] = "c" * 64
+                                | st.text(max_size=10))] = "c" * 64
         elif what == "digest":
-            m["files"]["model.onnx"] = draw(st.text(max_size=70) | json_values)
+            if isinstance(m.get("files"), dict):
+                m["files"]["model.onnx"] = draw(st.text(max_size=70) | json_values)
         elif what == "version":
             m["manifest_version"] = draw(SIZES | json_values)
         elif what == "format":
