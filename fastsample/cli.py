@@ -365,8 +365,8 @@ def _demo_latency(ns, out) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    """SIGINT/SIGTERM: a checkpoint at the current step, one line, exit 130/143 (before the
-    loop starts: one line, exit 130/143, nothing written)."""
+    """SIGINT/SIGTERM during training: a checkpoint at the current step, one line, exit
+    130/143. SIGINT before the loop starts (data loading): one line, exit 130, no checkpoint."""
     from fastsample.train import TrainingInterrupted
     try:
         return _cmd_train(ns)
@@ -374,7 +374,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         print(f"fastsample train: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("fastsample train: interrupted before training started; nothing written",
+        print("fastsample train: interrupted before training started; no checkpoint written",
               file=sys.stderr)
         return 130
 
