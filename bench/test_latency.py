@@ -100,7 +100,7 @@ def _runner(backend, exported, name):
     if backend in ("ort", "ort-gpu"):
         from fastsample.export.onnx import ort_session
         d, spec = exported(name, "onnx" if backend == "ort" else "onnx-gpu")
-        sess = ort_session(d / "model.onnx", "cpu" if backend == "ort" else "cuda",
+        sess = ort_session(d, "cpu" if backend == "ort" else "cuda",
                            threads=THREADS if backend == "ort" else None)
 
         def make(n):
@@ -109,10 +109,12 @@ def _runner(backend, exported, name):
         return make
     if backend == "aoti":
         d, spec = exported(name, "aoti")
+        from fastsample.export.verify import verify_artifact
+        verify_artifact(d)
         return _torch_maker(torch._inductor.aoti_load_package(str(d / "model.pt2")), spec, device)
     from fastsample.export.tensorrt import load_engine
     d, spec = exported(name, "tensorrt")
-    engine = load_engine(d / "model.plan", spec)
+    engine = load_engine(d, spec)
 
     def make(n):
         args = example_inputs(spec, n, device="cuda")

@@ -119,8 +119,11 @@ class CheckpointCard:
         """Parse and validate; a newer format_version is reported before anything else."""
         try:
             d = json.loads(text)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"card is not valid JSON ({e})") from None
+        except (ValueError, TypeError, RecursionError) as e:
+            # ValueError: JSONDecodeError and ints beyond Python's digit limit; RecursionError:
+            # nesting too deep for the decoder
+            raise ValueError(f"card is not valid JSON ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from None
         if not isinstance(d, dict):
             raise ValueError(f"card is a JSON {type(d).__name__}, expected an object")
         fv = d.get("format_version")
@@ -154,7 +157,8 @@ def _card_problems(d: dict) -> str:
         ("git_commit", isinstance(d["git_commit"], str), "a string"),
         ("format_version", _is_int(d["format_version"]) and 1 <= d["format_version"] <= FORMAT_VERSION,
          f"an int in [1, {FORMAT_VERSION}]"),
-        ("stored_dtype", d["stored_dtype"] == "float32" or d["stored_dtype"] in STORE_DTYPES,
+        ("stored_dtype", isinstance(d["stored_dtype"], str)
+         and (d["stored_dtype"] == "float32" or d["stored_dtype"] in STORE_DTYPES),
          f"float32|{'|'.join(STORE_DTYPES)}"),
         ("extra", isinstance(d["extra"], dict), "a dict"),
     ]
@@ -171,7 +175,7 @@ def _card_problems(d: dict) -> str:
             return f"{name} = {d.get(name)!r}; must be {allowed}"
     try:
         json.dumps(d, allow_nan=False)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         return f"not JSON-serialisable ({e})"
     return ""
 
@@ -186,6 +190,26 @@ def _is_num(v) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Atomic write.
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc/self/status), so
+    other threads never see a temporary umask of 0."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def default_file_mode() -> int:
+    """0o666 minus the umask: the mode open() gives a new file (mkstemp would give 0600)."""
+    return 0o666 & ~current_umask()
+
 
 def _atomic_write(path, write) -> None:
     """Call write(fileobj) on a temp file beside `path`, fsync, then os.replace onto `path`.
@@ -204,6 +228,7 @@ def _atomic_write(path, write) -> None:
                                     f"{e.strerror or e} (read-only or no permission?)") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), default_file_mode())
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -288,7 +313,7 @@ def _read_header(path: Path, blob: bytes) -> dict:
                                     f"file has {len(blob) - 8} after the length field)")
     try:
         header = json.loads(blob[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:   # UnicodeDecodeError, JSONDecodeError, ...
         raise CheckpointError(path, f"corrupt safetensors header (not valid JSON: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "corrupt safetensors header (not a JSON object)")
@@ -333,7 +358,7 @@ def _card_from_header(path: Path, header: dict) -> CheckpointCard:
                                     f"{CARD_KEY!r} missing); not written by fastsample.save_checkpoint")
     try:
         return CheckpointCard.from_json(meta[CARD_KEY])
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:
         raise CheckpointError(path, f"invalid card: {e}") from None
 
 
@@ -362,9 +387,41 @@ def load_checkpoint(path, expect_family: str | None = None, map_location="cpu"):
             tensors = {k: v.to(getattr(torch, orig[k])) if k in orig else v for k, v in tensors.items()}
         except (json.JSONDecodeError, AttributeError, TypeError) as e:
             raise CheckpointError(path, f"corrupt {ORIG_DTYPES_KEY} metadata ({e})") from None
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(path, f"tensor {k!r} holds {bad} NaN/inf value(s) of "
+                                        f"{v.numel()}; refusing to load non-finite weights")
     if str(map_location) != "cpu":
         tensors = {k: v.to(map_location) for k, v in tensors.items()}
     return tensors, card
+
+
+def build_model(path, build, state_dict: dict, card: CheckpointCard):
+    """build(state_dict, card) -> nn.Module (a family's Model.from_checkpoint), with every way
+    the weights can disagree with the net the card describes turned into one CheckpointError
+    naming the file: missing / unexpected / wrong-shape tensors (load_state_dict's
+    RuntimeError), a state or card of another family (KeyError, TypeError, ValueError), and a
+    non-float tensor loaded into a float parameter (load_state_dict would cast it silently)."""
+    try:
+        model = build(state_dict, card)
+    except CheckpointError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        if len(text) > 300:
+            text = text[:300] + " ..."
+        raise CheckpointError(path, f"does not fit the {card.family} net its card describes "
+                                    f"({type(e).__name__}: {text})") from None
+    expected = model.state_dict()
+    for k, v in state_dict.items():
+        if v.is_floating_point():
+            continue
+        targets = [m for m in expected if m == k or m.endswith("." + k)]
+        if targets and all(expected[m].is_floating_point() for m in targets):
+            raise CheckpointError(path, f"tensor {k!r} is {str(v.dtype).replace('torch.', '')}, "
+                                        f"where the {card.family} net expects a float tensor")
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -319,7 +319,7 @@ def _demo_latency(ns, out) -> None:
             raise RuntimeError(f"exporting the {entry.name} sampler failed (exit {rc})")
     from fastsample.export.onnx import ort_session
     model, _ = load_model(ckpt, device=ns.device)
-    sess = ort_session(art / "model.onnx", "cpu")
+    sess = ort_session(art, "cpu")          # a directory: sha256s verified first
     g = torch.Generator().manual_seed(ns.seed)
     man = json.loads((art / "manifest.json").read_text())
     feed = {t["name"]: torch.randn([1 if d == "batch" else d for d in t["shape"]],
@@ -342,6 +342,45 @@ def _demo_latency(ns, out) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    """SIGINT/SIGTERM during training: a checkpoint at the current step, one line, exit
+    130/143. SIGINT before the loop starts (data loading): one line, exit 130, no checkpoint."""
+    from fastsample.train import TrainingInterrupted
+    try:
+        return _cmd_train(ns)
+    except TrainingInterrupted as e:
+        print(f"fastsample train: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("fastsample train: interrupted before training started; no checkpoint written",
+              file=sys.stderr)
+        return 130
+
+
+def _check_train_numbers(ns: argparse.Namespace) -> None:
+    """Every numeric option, before any work: non-positive values are refused (never replaced
+    by the family's default), absurd ones name their limit."""
+    import math
+
+    from fastsample.train.loop import MAX_BATCH, MAX_STEPS
+    ints = (("--steps", ns.steps, 1, MAX_STEPS), ("--batch-size", ns.batch_size, 1, MAX_BATCH),
+            ("--ckpt-every", ns.ckpt_every, 1, None), ("--log-every", ns.log_every, 1, None),
+            ("--eval-every", ns.eval_every, 0, None), ("--T", ns.T, 1, 100_000),
+            ("--resolution", ns.resolution, 1, 4096), ("--seed", ns.seed, 0, 2 ** 63 - 1))
+    for flag, v, lo, hi in ints:
+        if v is None:
+            continue
+        if v < lo:
+            raise ValueError(f"{flag} must be >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise ValueError(f"{flag} {v} is above the limit {hi}")
+    if not math.isfinite(ns.max_minutes) or ns.max_minutes < 0:
+        raise ValueError(f"--max-minutes must be a finite number >= 0 (0 = no limit), got "
+                         f"{ns.max_minutes}")
+    if ns.ema is not None and not (math.isfinite(ns.ema) and 0 <= ns.ema < 1):
+        raise ValueError(f"--ema must be in [0, 1), got {ns.ema}")
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
     import dataclasses
     import json
 
@@ -350,6 +389,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from fastsample.train import TrainConfig, train
     from fastsample.train.batches import batch_sampler
 
+    _check_train_numbers(ns)
     overrides = {}
     for item in ns.set:
         key, sep, value = item.partition("=")
@@ -362,7 +402,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     mod = models.family_module(ns.model)
     cfg = models.make_config(ns.model, data, overrides)
     tcfg = TrainConfig(
-        steps=ns.steps or cfg.train_steps, batch_size=ns.batch_size or cfg.batch_size,
+        steps=cfg.train_steps if ns.steps is None else ns.steps,
+        batch_size=cfg.batch_size if ns.batch_size is None else ns.batch_size,
         ema_decay=cfg.ema_decay if ns.ema is None else ns.ema, amp=ns.amp, seed=ns.seed,
         grad_clip=getattr(cfg, "grad_clip", TrainConfig.grad_clip),
         device=ns.device, ckpt_every=ns.ckpt_every, log_every=ns.log_every,

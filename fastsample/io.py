@@ -12,13 +12,21 @@ import numpy as np
 import torch
 
 
+# A samples array whose .npy header claims more than this many elements is refused before numpy
+# allocates it (2^31 float32 = 8 GiB; `fastsample sample --num` stays far below).
+MAX_SAMPLE_ELEMENTS = 1 << 31
+
+
 def atomic_save_npz(path, **arrays) -> None:
-    """np.savez to a temp file beside `path`, then rename: a crash never leaves half a file."""
+    """np.savez to a temp file beside `path`, then rename: a crash never leaves half a file.
+    The file gets the mode an ordinary open() would (0o666 minus the umask), not mkstemp's
+    0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), default_file_mode())
             np.savez(f, **arrays)
         os.replace(tmp, path)
     except BaseException:
@@ -36,6 +44,7 @@ def load_samples_npz(path) -> tuple[torch.Tensor, dict]:
         with np.load(path, allow_pickle=False) as z:
             if "samples" not in z.files:
                 raise ValueError(f"{path}: no `samples` array (keys: {', '.join(z.files)})")
+            _check_npy_header(path, "samples")
             samples = np.asarray(z["samples"], dtype=np.float32)
             meta = {k: z[k].item() for k in z.files if k != "samples" and z[k].ndim == 0}
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
@@ -45,6 +54,38 @@ def load_samples_npz(path) -> tuple[torch.Tensor, dict]:
     if not np.isfinite(samples).all():
         raise ValueError(f"{path}: samples contain NaN or inf")
     return torch.from_numpy(samples), meta
+
+
+def _check_npy_header(path: Path, name: str) -> None:
+    """Read `name`.npy's header inside the npz and refuse a shape the member cannot hold (or
+    beyond MAX_SAMPLE_ELEMENTS) before numpy allocates the array for it."""
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(name + ".npy")
+        except KeyError:
+            return              # not an .npy member: np.load's own checks apply
+        with zf.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"{path}: `{name}` has .npy format version {version}")
+            start = f.tell()
+    count = math.prod(shape)
+    if count > MAX_SAMPLE_ELEMENTS:
+        raise ValueError(f"{path}: `{name}` claims shape {shape}, more than the "
+                         f"{MAX_SAMPLE_ELEMENTS} elements a samples file may hold")
+    if count * dtype.itemsize > info.file_size - start:
+        raise ValueError(f"{path}: `{name}` claims shape {shape} ({count * dtype.itemsize} "
+                         f"bytes) but holds {info.file_size - start} bytes")
+
+
+def default_file_mode() -> int:
+    """0o666 minus this process's umask: the mode open() would give a new file."""
+    from fastsample.checkpoint import default_file_mode as mode
+    return mode()
 
 
 def save_png(path, samples: np.ndarray, cols: int | None = None) -> None:

@@ -42,7 +42,12 @@ def export_aoti(spec: Spec, path: Path, *, dtype: str, lo: int, hi: int,
 
 
 def load_aoti(path, device: str = "cpu"):
-    """The packaged model as a callable: outputs as a list (one entry per manifest output)."""
+    """The packaged model as a callable: outputs as a list (one entry per manifest output).
+    `path` an artifact directory: its files are verified against manifest.json's sha256s first
+    (verify.verify_artifact) and its model.pt2 is loaded; a modified file is an ExportError."""
+    if Path(path).is_dir():
+        from fastsample.export.verify import artifact_file, verify_artifact
+        path = artifact_file(path, verify_artifact(path), "model.pt2")
     runner = torch._inductor.aoti_load_package(str(path))
 
     def run(args):

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 from fastsample.export.core import (DEFAULT_MAX_BATCH, DTYPES, FORMATS, MODEL_FILE,
-                                    ArtifactDir, ExportError, Timer, build_spec, check_parity,
-                                    parity_batches, progress, resolve_what, write_manifest)
+                                    ArtifactDir, ExportError, Timer, build_spec, check_not_cwd,
+                                    check_parity, parity_batches, progress, resolve_what,
+                                    write_manifest)
 
 DEFAULT_ROOT = Path("export") / "artifacts"
 
@@ -52,12 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_EXPORT_BATCH = 4096          # the parity gate runs the largest batch eagerly
+MAX_EXPORT_STEPS = 10_000        # schedule.txt rows (fastsample.export.verify reads <= 100k)
+
+
 def _check_args(ns) -> tuple[int, int]:
-    if ns.max_batch < 1:
-        raise ExportError(f"--max-batch must be >= 1, got {ns.max_batch}")
+    """Every numeric option and --out, before any work: non-positive values are refused, not
+    replaced by defaults; sizes beyond the bounds above name the bound."""
+    for flag, v, hi in (("--max-batch", ns.max_batch, MAX_EXPORT_BATCH),
+                        ("--batch", ns.batch, MAX_EXPORT_BATCH),
+                        ("--steps", ns.steps, MAX_EXPORT_STEPS)):
+        if v is None:
+            continue
+        if v < 1:
+            raise ExportError(f"{flag} must be >= 1, got {v}")
+        if v > hi:
+            raise ExportError(f"{flag} {v} is above the limit {hi}")
+    if ns.out is not None:
+        check_not_cwd(ns.out)
     if ns.batch is not None:
-        if ns.batch < 1:
-            raise ExportError(f"--batch must be >= 1, got {ns.batch}")
         return ns.batch, ns.batch
     return 1, ns.max_batch
 

@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import torch
@@ -240,22 +240,42 @@ def check_parity(spec: Spec, run: Callable, dtype: str, batches: list[int], devi
 
 class ArtifactDir:
     """`with ArtifactDir(target) as tmp:` write into tmp; on success tmp replaces target (an
-    earlier export or an empty dir); on any exception tmp is removed and target is untouched."""
+    earlier export or an empty dir); on any exception tmp is removed and target is untouched.
+
+    Only a directory that is provably a fastsample artifact is ever replaced: its manifest.json
+    is a fastsample manifest (verify.read_manifest) and lists exactly the files present (no
+    other file, folder or symlink beside them). Anything else, a foreign app's manifest.json
+    or an artifact the user added a file to, is refused before any work with ExportError.
+    A symlinked target is followed: the directory it points to is replaced, the link stays.
+    The target may not be the current directory or one of its ancestors."""
 
     def __init__(self, target):
         self.target = Path(target)
 
-    def check(self) -> None:
+    def _resolve(self) -> Path:
         t = self.target
+        if t.is_symlink():
+            try:
+                return t.resolve(strict=True)
+            except (OSError, RuntimeError):
+                raise ExportError(f"cannot write {t}: it is a symlink to a missing or looping "
+                                  f"path") from None
+        return t
+
+    def check(self) -> None:
+        t = self._resolve()
+        check_not_cwd(t)
         parent = t.parent
         for p in (t, *t.parents):
             if p.exists():
                 if not p.is_dir():
                     raise ExportError(f"cannot write {t}: {p} is not a directory")
                 break
-        if t.exists() and any(t.iterdir()) and not (t / "manifest.json").exists():
-            raise ExportError(f"{t} exists and is not an earlier export (no manifest.json); "
-                              f"refusing to overwrite it")
+        if t.exists():
+            why = _not_replaceable(t)
+            if why:
+                raise ExportError(f"{self.target} exists and is not an earlier fastsample "
+                                  f"export ({why}); refusing to overwrite it")
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -265,26 +285,88 @@ class ArtifactDir:
 
     def __enter__(self) -> Path:
         self.check()
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}"
+        self.real = self._resolve()
+        self.tmp = self.real.parent / f".{self.real.name}.tmp-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         try:
             self.tmp.mkdir()
         except OSError as e:
-            raise ExportError(f"cannot write to {self.target.parent}: {e.strerror or e}") from None
+            raise ExportError(f"cannot write to {self.real.parent}: {e.strerror or e}") from None
         return self.tmp
 
     def __exit__(self, kind, exc, tb) -> bool:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        t = self.real
         old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-            os.rename(self.target, old)
-        os.rename(self.tmp, self.target)
+        if t.exists():
+            # Checked again: the directory may have changed while the export ran.
+            why = _not_replaceable(t)
+            if why:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise ExportError(f"{self.target} changed during the export ({why}); "
+                                  f"refusing to overwrite it")
+            old = t.parent / f".{t.name}.old-{os.getpid()}"
+            os.rename(t, old)
+        os.rename(self.tmp, t)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+def check_not_cwd(target) -> None:
+    """Refuse an artifact target that is the current directory or one of its ancestors (it
+    would be renamed away under the running process, and everything in it replaced)."""
+    t = Path(target)
+    try:
+        real, cwd = t.resolve(), Path.cwd().resolve()
+    except (OSError, RuntimeError) as e:
+        raise ExportError(f"cannot resolve {t}: {e}") from None
+    if real == cwd or real in cwd.parents:
+        raise ExportError(f"--out {t} is the current directory or one of its parents; name a "
+                          f"new or earlier-export directory instead")
+
+
+def _not_replaceable(t: Path) -> str:
+    """Why directory `t` may not be replaced by an export ('' if it may: empty, or an earlier
+    fastsample export whose manifest lists exactly the files present)."""
+    if not t.is_dir():
+        return "not a directory"
+    entries = list(t.iterdir())
+    if not entries:
+        return ""
+    from fastsample.export.verify import MANIFEST, read_manifest
+    if not (t / MANIFEST).exists():
+        return f"no {MANIFEST}"
+    try:
+        man = read_manifest(t)
+    except ExportError as e:
+        return f"its {MANIFEST} is not a fastsample manifest: {e}"
+    listed = set(man["files"])
+    dirs = {str(PurePosixPath(f).parent) for f in listed} - {"."}
+    dirs |= {str(p) for d in list(dirs) for p in PurePosixPath(d).parents} - {"."}
+    extra = []
+    for root, dnames, fnames in os.walk(t):
+        for n in dnames + fnames:
+            full = Path(root) / n
+            rel = full.relative_to(t).as_posix()
+            if full.is_symlink():
+                extra.append(rel)
+            elif n in dnames:
+                if rel not in dirs:
+                    extra.append(rel + "/")
+            elif rel != MANIFEST and rel not in listed:
+                extra.append(rel)
+        dnames[:] = [n for n in dnames if not (Path(root) / n).is_symlink()
+                     and (Path(root) / n).relative_to(t).as_posix() in dirs]
+    missing = sorted(f for f in listed if not (t / f).is_file())
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        return f"it holds files its {MANIFEST} does not list: {', '.join(sorted(extra)[:3])}{more}"
+    if missing:
+        return f"files its {MANIFEST} lists are missing: {', '.join(missing[:3])}"
+    return ""
 
 
 def sha256(path) -> str:

@@ -111,7 +111,14 @@ def ort_providers(device: str) -> list[str]:
 
 
 def ort_session(path, device: str = "cpu", threads: int | None = None):
+    """An ONNX Runtime session for a model file, or for an artifact directory: then every file
+    its manifest.json lists is verified against its sha256 first (verify.verify_artifact) and
+    the listed model.onnx is loaded; a missing or modified file is an ExportError."""
     import onnxruntime as ort
+    path = Path(path)
+    if path.is_dir():
+        from fastsample.export.verify import artifact_file, verify_artifact
+        path = artifact_file(path, verify_artifact(path), "model.onnx")
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads

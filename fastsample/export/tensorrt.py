@@ -63,7 +63,11 @@ def build_engine(spec: Spec, onnx_path: Path, plan_path: Path, *, dtype: str, lo
 
 
 def load_engine(plan_path, spec: Spec):
-    """The engine as a callable on CUDA torch tensors (float32 I/O: the ONNX graph's types)."""
+    """The engine as a callable on CUDA torch tensors (float32 I/O: the ONNX graph's types).
+    `plan_path` an artifact directory: verified against its manifest.json first."""
+    if Path(plan_path).is_dir():
+        from fastsample.export.verify import artifact_file, verify_artifact
+        plan_path = artifact_file(plan_path, verify_artifact(plan_path), "model.plan")
     trt = require_tensorrt()
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())

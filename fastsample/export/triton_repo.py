@@ -124,3 +124,14 @@ def write_model(repo: Path, spec: Spec, *, backend: str, dtype: str, lo: int, hi
     (d / "config.pbtxt").write_text(config_text(spec, backend=backend, dtype=dtype, lo=lo, hi=hi,
                                                 device=device))
     return d / "1"
+
+
+def load_repo(repo) -> dict:
+    """A written repository, verified against its manifest.json's sha256s
+    (verify.verify_artifact), then every config.pbtxt it lists parsed: {model name: ModelConfig}.
+    A missing or modified file, or a bad config, is an ExportError."""
+    from fastsample.export.verify import verify_artifact
+    repo = Path(repo)
+    man = verify_artifact(repo)
+    return {Path(f).parent.name: parse_config(repo / f) for f in sorted(man["files"])
+            if Path(f).name == "config.pbtxt"}

@@ -67,5 +67,5 @@ def load_model(path, device="cpu", expect_family: str | None = None):
         card = entry.upgrade_card(card)
     except ValueError as e:
         raise ck.CheckpointError(path, str(e)) from None
-    model = entry.module.Model.from_checkpoint(sd, card).to(device).eval()
+    model = ck.build_model(path, entry.module.Model.from_checkpoint, sd, card).to(device).eval()
     return model, card

@@ -113,13 +113,21 @@ class Table:
             key, vals = tok[0], tok[1:]
             try:
                 if key == "row":
+                    if not table.columns:
+                        raise ValueError("a row before the columns line")
                     row = tuple(float(v) for v in vals)
                     if len(row) != len(table.columns) or not all(map(math.isfinite, row)):
                         raise ValueError(f"{len(row)} finite values expected "
                                          f"{len(table.columns)}")
                     table.rows.append(row)
                 elif key == "columns":
+                    if table.columns:
+                        raise ValueError("a second columns line")
+                    if not vals:
+                        raise ValueError("no column names")
                     table.columns = tuple(vals)
+                elif not vals:
+                    raise ValueError("no value")
                 elif key in _INT_KEYS:
                     table.header[key] = tuple(int(v) for v in vals)
                 else:

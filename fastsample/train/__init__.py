@@ -1,5 +1,6 @@
 """Training core: one loop for every family (EMA, clipping, autocast, DDP, exact resume)."""
 
-from fastsample.train.loop import StepContext, TrainConfig, TrainingError, train
+from fastsample.train.loop import (StepContext, TrainConfig, TrainingError, TrainingInterrupted,
+                                   train)
 
-__all__ = ["StepContext", "TrainConfig", "TrainingError", "train"]
+__all__ = ["StepContext", "TrainConfig", "TrainingError", "TrainingInterrupted", "train"]

@@ -1,5 +1,5 @@
 // The sampler loop over an AOTInductor package: the C++ twin of run_table
-// (fastsample/export/schedule.py), same rows, same noise order, same float32 step math.
+// (fastsample/samplers/plan.py), same rows, same noise order, same float32 step math.
 
 #include "fastsample/sampler.h"
 

@@ -1,4 +1,4 @@
-// schedule.txt reader: the C++ twin of Table.parse in fastsample/export/schedule.py, with the
+// schedule.txt reader: the C++ twin of Table.parse in fastsample/samplers/plan.py, with the
 // extra checks the loop relies on (the family's columns, z_dim / prior_v_scale, nfe vs rows).
 
 #include "fastsample/schedule.h"

@@ -7,7 +7,7 @@ Writes, for each case (ddgan, cld-sscs, cld-em):
     OUT_DIR/<case>/model.pt2        AOTInductor package from `python -m fastsample.export --format
                                     aoti` (export_model_pt2; one compile per family, the cld-em
                                     directory reuses cld-sscs's file)
-    OUT_DIR/<case>/schedule.txt     fastsample.export.schedule table
+    OUT_DIR/<case>/schedule.txt     fastsample.samplers.plan table
     OUT_DIR/<case>/manifest.json    a minimal manifest (the C++ side only checks that it exists)
     OUT_DIR/<case>/noise/           x_T.npy, v_T.npy (cld), z.npy (ddgan), noise.npy: the draws the
                                     loop consumes, in the format of kernels/README.md

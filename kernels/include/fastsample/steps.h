@@ -8,7 +8,7 @@
 //     v'  = T_vx x + T_vv v_s + K21 n0 + K22 n1
 //
 // Arithmetic is float32, one rounding per operation, in the order of the Python loop
-// (fastsample/export/schedule.py run_table): products first, then left-to-right sums. The
+// (fastsample/samplers/plan.py run_table): products first, then left-to-right sums. The
 // coefficients arrive as doubles from schedule.txt and are rounded to float once, as torch rounds
 // a python float multiplied into a float32 tensor. Build with -ffp-contract=off (nvcc:
 // --fmad=false) so the compiler does not fuse a product and a sum into one FMA (one rounding
