@@ -11,7 +11,9 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	# CPU wheel of torch first: an unpinned torch would pull gigabytes of CUDA libraries.
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e '.[dev]'
+	# setuptools prints an "Editable installation" UserWarning banner from inside pip's build
+	# subprocess (which inherits PYTHONWARNINGS); it warns about nothing this repo does.
+	PYTHONWARNINGS=ignore::UserWarning $(VPY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

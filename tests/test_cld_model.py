@@ -208,7 +208,7 @@ def test_card_round_trip_and_mismatched_weights(tmp_path):
     assert model.config == cfg
     u, t = torch.randn(3, 4), torch.full((3,), 0.3)
     torch.testing.assert_close(model.net(u, t), net(u, t))
-    bad = {**card, "sde_config": {**card["sde_config"], "mlp_hidden": 8}}
-    bad["net_config"] = {**card["net_config"], "hidden": 8}
+    bad = {**card, "config": {**card["config"], "mlp_hidden": 8},
+           "net_config": {"net": {**card["net_config"]["net"], "hidden": 8}}}
     with pytest.raises((ValueError, RuntimeError)):
         M.Model.from_checkpoint(net.state_dict(), bad)

@@ -137,11 +137,33 @@ def test_sample_engine_bad_input(tmp_path, capsys, extra, msg):
     assert msg in capsys.readouterr().err and not out.exists()
 
 
-def test_sample_engine_refuses_ddpm(tmp_path, capsys):
+def test_sample_engine_runs_ddpm_and_refuses_adaptive(tmp_path, capsys):
+    """Every fixed plan runs on the Engine (ddpm ddim included, the same samples as the plain
+    path); an adaptive sampler has no plan and is refused before any work."""
+    import numpy as np
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    for out, extra in ((a, ["--engine"]), (b, [])):
+        assert main(["sample", "checkpoints/digits/ddpm.safetensors", "--sampler", "ddim",
+                     "--steps", "5", "--num", "4", "--out", str(out), *extra]) == 0
+    assert np.array_equal(np.load(a)["samples"], np.load(b)["samples"])
     out = tmp_path / "s.npz"
-    assert main(["sample", "checkpoints/digits/ddpm.safetensors", "--sampler", "ddim", "--num",
+    assert main(["sample", "checkpoints/digits/ddpm.safetensors", "--sampler", "ode", "--num",
                  "4", "--engine", "--out", str(out)]) == 2
-    assert "family 'ddpm'" in capsys.readouterr().err and not out.exists()
+    assert "'ode' is not available for ddpm" in capsys.readouterr().err and not out.exists()
+
+
+def test_sample_without_sampler_uses_the_family_default(tmp_path, capsys):
+    """No --sampler: the registry's default fast sampler and budget (cld: SSCS-50 quadratic),
+    the same samples as naming them."""
+    import numpy as np
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    assert main(["sample", "checkpoints/grid25/cld.safetensors", "--num", "8",
+                 "--out", str(a)]) == 0
+    assert main(["sample", "checkpoints/grid25/cld.safetensors", "--sampler", "sscs", "--steps",
+                 "50", "--schedule", "quadratic", "--num", "8", "--out", str(b)]) == 0
+    za, zb = np.load(a), np.load(b)
+    assert str(za["sampler"]) == "sscs" and int(za["nfe"]) == 50
+    assert np.array_equal(za["samples"], zb["samples"])
 
 
 def test_demo_table(tmp_path, capsys):

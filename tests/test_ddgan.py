@@ -219,7 +219,7 @@ def test_sampler_errors():
 
 
 def test_from_checkpoint_bad_card():
-    with pytest.raises(ValueError, match="net_config is missing or has a bad field"):
+    with pytest.raises(ValueError, match="format 1.*lacks"):
         ddgan.Model.from_checkpoint({}, {"net_config": {"kind": "points"}, "dataset": "toy2d:grid25"})
 
 

@@ -42,7 +42,8 @@ class TinyFamily:
         return {"loss": loss.detach()}
 
     def card(self):
-        return {"dataset": "toy2d:gauss", "net_config": {"width": 32}, "sde_config": {}}
+        return {"dataset": "toy2d:gauss", "config": {"width": 32}, "data_shape": [2],
+                "net_config": {"net": {"kind": "mlp", "width": 32}}, "sde_config": {}}
 
 
 def sample_batch(n, g):
