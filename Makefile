@@ -4,7 +4,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test cpp ctest bench venv clean checkpoints
+.PHONY: demo test cpp ctest asan ctest-asan bench venv clean checkpoints
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,11 +22,13 @@ demo: $(STAMP)
 	$(VENV)/bin/fastsample demo
 
 # The C++ runtime is built first so pytest's export test can run the exported artifact through
-# fastsample-run; ctest runs after pytest.
+# fastsample-run; ctest runs after pytest, then the same ctest suite under AddressSanitizer +
+# UBSan (build/asan, sharing build/cmake's fixture).
 test: cpp
 	# pytest exits 5 when it collects no test; that is not a failure of the code.
 	$(VPY) -m pytest -q; rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi
 	cd $(BUILD) && ctest --output-on-failure
+	$(MAKE) ctest-asan
 
 # The C++ runtime (kernels/, CMakeLists.txt) against the wheel's libtorch, then its ctest tests.
 BUILD       ?= build/cmake
@@ -38,6 +40,18 @@ cpp: $(STAMP)
 
 ctest: cpp
 	cd $(BUILD) && ctest --output-on-failure
+
+# Everything in CMakeLists.txt again with -fsanitize=address,undefined: an out-of-bounds read
+# or undefined behaviour in the runtime, its parsers or the tests fails the suite.
+ASAN_BUILD  ?= build/asan
+asan: $(STAMP)
+	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Release -DFASTSAMPLE_ASAN=ON \
+	    -DFASTSAMPLE_PYTHON=$(abspath $(VPY)) -DFASTSAMPLE_FIXTURE_DIR=$(abspath $(BUILD))/fixture \
+	    -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(ASAN_BUILD) -j $(BUILD_JOBS)
+
+ctest-asan: asan
+	cd $(ASAN_BUILD) && ctest --output-on-failure
 
 bench: $(STAMP)
 	$(VPY) -m pytest --benchmark bench/

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,6 +66,24 @@ _INT_KEYS = {"fastsample-schedule", "nfe", "data_shape", "z_dim", "latent_shape"
 
 class ScheduleError(ValueError):
     """A schedule.txt that cannot be read: names the file and the line."""
+
+
+# The one number grammar of schedule.txt values, shared with the C++ reader
+# (fastsample::parse_schedule_value) and tested on both sides from one file of cases,
+# kernels/tests/schedule_grammar_cases.txt: plain decimal floats, ASCII digits only (no hex,
+# inf, nan, underscores), whose value fits float32 (underflow to 0 is fine).
+_VALUE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_FLT_MAX = 3.4028234663852886e38
+
+
+def parse_value(tok: str) -> float:
+    """One schedule.txt row value as a float; ValueError (one line) for anything else."""
+    if not _VALUE.fullmatch(tok):
+        raise ValueError(f"invalid number {tok!r} (plain decimal only: no hex, inf or nan)")
+    v = float(tok)
+    if not abs(v) <= _FLT_MAX:
+        raise ValueError(f"number {tok!r} overflows float32")
+    return v
 
 
 @dataclass
@@ -115,7 +134,7 @@ class Table:
                 if key == "row":
                     if not table.columns:
                         raise ValueError("a row before the columns line")
-                    row = tuple(float(v) for v in vals)
+                    row = tuple(parse_value(v) for v in vals)
                     if len(row) != len(table.columns) or not all(map(math.isfinite, row)):
                         raise ValueError(f"{len(row)} finite values expected "
                                          f"{len(table.columns)}")

@@ -3,10 +3,10 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
-#include <regex>
 #include <sstream>
 
 #include "fastsample/error.h"
+#include "fastsample/npy_header.h"
 
 namespace fastsample {
 
@@ -29,24 +29,24 @@ at::Tensor read_npy(const std::string& path) {
   } else {
     throw Error(path + ": unsupported .npy version " + std::to_string(major));
   }
+  if (hlen > kMaxNpyHeader)
+    throw Error(path + ": .npy header of " + std::to_string(hlen) + " bytes (at most " +
+                std::to_string(kMaxNpyHeader) + ")");
   std::string header(hlen, '\0');
   if (!f.read(header.data(), hlen)) throw Error(path + ": truncated .npy header");
-  std::smatch m;
-  if (!std::regex_search(header, m, std::regex("'descr':\\s*'([^']*)'")) || m[1] != "<f4")
-    throw Error(path + ": dtype must be float32 little-endian ('<f4'), header: " + header);
-  if (!std::regex_search(header, std::regex("'fortran_order':\\s*False")))
-    throw Error(path + ": must be C order (fortran_order False)");
-  if (!std::regex_search(header, m, std::regex("'shape':\\s*\\(([^)]*)\\)")))
-    throw Error(path + ": no shape in the .npy header");
-  std::vector<int64_t> shape;
-  const std::string dims = m[1];
-  const std::regex number("\\d+");
-  for (auto it = std::sregex_iterator(dims.begin(), dims.end(), number);
-       it != std::sregex_iterator(); ++it)
-    shape.push_back(std::stoll(it->str()));
-  auto t = at::empty(shape, at::kFloat);
-  const auto bytes = static_cast<std::streamsize>(t.numel() * sizeof(float));
-  if (bytes && !f.read(static_cast<char*>(t.data_ptr()), bytes))
+  const NpyHeader h = parse_npy_header(header, path);
+  // The data must be exactly numel floats: checked against the file size before allocating.
+  const auto data_start = f.tellg();
+  f.seekg(0, std::ios::end);
+  const auto end = f.tellg();
+  f.seekg(data_start);
+  const int64_t bytes = h.numel * static_cast<int64_t>(sizeof(float));
+  if (data_start < 0 || end < 0 || static_cast<int64_t>(end - data_start) != bytes)
+    throw Error(path + ": " + std::to_string(static_cast<int64_t>(end - data_start)) +
+                " data bytes, the header's shape needs " + std::to_string(bytes) +
+                (static_cast<int64_t>(end - data_start) < bytes ? " (truncated)" : ""));
+  auto t = at::empty(h.shape, at::kFloat);
+  if (bytes && !f.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(bytes)))
     throw Error(path + ": truncated data (" + std::to_string(bytes) + " bytes expected)");
   return t;
 }

@@ -50,13 +50,20 @@ Sampler::Sampler(const std::string& artifact_dir, c10::Device device)
   for (const char* name : {"schedule.txt", "model.pt2", "manifest.json"})
     if (!fs::is_regular_file(fs::path(dir_) / name))
       throw Error(dir_ + ": not an artifact directory (no " + name + ")");
+  // Nothing is read from schedule.txt or model.pt2 before their hashes match the manifest.
+  manifest_ = Manifest::read((fs::path(dir_) / "manifest.json").string());
+  manifest_.verify_files(dir_, {"schedule.txt", "model.pt2"});
   schedule_ = Schedule::read((fs::path(dir_) / "schedule.txt").string());
+  manifest_.check_schedule(schedule_);
   if (device_.is_cuda()) {
 #ifndef FASTSAMPLE_WITH_CUDA
     throw Error("--device cuda: this build has no CUDA support (CPU-only libtorch or "
                 "FASTSAMPLE_CUDA=OFF)");
 #endif
   }
+  if (manifest_.device.rfind(c10::DeviceTypeName(device_.type(), true), 0) != 0)
+    throw Error(manifest_.where + ": exported for device '" + manifest_.device +
+                "', asked to run on " + c10::DeviceTypeName(device_.type(), true));
   const std::string pt2 = (fs::path(dir_) / "model.pt2").string();
   std::string pkg_device;
   try {
@@ -84,6 +91,15 @@ Sampler::~Sampler() = default;
 Noise Sampler::draw_noise(int64_t num, uint64_t seed) const {
   if (num < 1) throw Error("--num must be >= 1, got " + std::to_string(num));
   const auto& s = schedule_;
+  // Bound the draws' memory before allocating: x_T (+ v_T), z, noise.
+  const double per_sample = static_cast<double>(s.sample_numel()) *
+                                static_cast<double>(1 + (s.family == "cld") + s.total_draws()) +
+                            static_cast<double>(s.nfe) * static_cast<double>(s.z_dim);
+  if (per_sample * static_cast<double>(num) > static_cast<double>(kMaxNoiseElements))
+    throw Error("--num " + std::to_string(num) + ": the draws would take " +
+                std::to_string(static_cast<long long>(per_sample * 4 * num / (1 << 20))) +
+                " MiB, more than the " + std::to_string(kMaxNoiseElements * 4 >> 20) +
+                " MiB this runtime allows; sample in several runs");
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   auto opt = at::TensorOptions().dtype(at::kFloat);
   Noise n;
@@ -103,12 +119,15 @@ Noise Sampler::load_noise(const std::string& dir, int64_t num) const {
     if (t.sizes() != at::IntArrayRef(want))
       throw Error(path + ": shape " + shape_str(t.sizes()) + ", expected " + shape_str(want) +
                   " for this artifact's schedule");
+    if (!at::isfinite(t).all().item<bool>())
+      throw Error(path + ": holds NaN or infinite values");
     return t;
   };
   Noise n;
   if (num < 0) {
     auto x = read_npy((fs::path(dir) / "x_T.npy").string());
     num = x.dim() > 0 ? x.size(0) : 0;
+    if (num < 1) throw Error((fs::path(dir) / "x_T.npy").string() + ": no samples");
   }
   n.x_T = load("x_T.npy", cat_shape({num}, s.data_shape));
   if (s.family == "cld") n.v_T = load("v_T.npy", cat_shape({num}, s.data_shape));
@@ -120,14 +139,35 @@ Noise Sampler::load_noise(const std::string& dir, int64_t num) const {
 //----------------------------------------------------------------------------------------------
 // The loop.
 
-at::Tensor Sampler::call_net(std::vector<at::Tensor> inputs) {
-  const auto want = inputs[0].sizes().vec();
-  auto out = loader_->run(inputs);
-  if (out.size() != 1 || out[0].sizes() != at::IntArrayRef(want))
+std::vector<at::Tensor> Sampler::call_net(std::vector<at::Tensor> inputs, int64_t n) {
+  // The model reads its inputs as compiled: a shape other than the manifest's would make it
+  // read past their end. (AOTInductor's own checks: kernels/README.md.)
+  const auto want_in = manifest_.input_shapes(n);
+  for (size_t k = 0; k < inputs.size(); ++k)
+    if (k >= want_in.size() || inputs[k].sizes() != at::IntArrayRef(want_in[k]) ||
+        inputs[k].scalar_type() != at::kFloat || !inputs[k].is_contiguous())
+      throw Error(dir_ + "/model.pt2: input " + std::to_string(k) + " would be " +
+                  shape_str(inputs[k].sizes()) + ", the manifest says " +
+                  (k < want_in.size() ? shape_str(want_in[k]) : "no such input"));
+  if (inputs.size() != want_in.size())
+    throw Error(dir_ + "/model.pt2: " + std::to_string(inputs.size()) + " inputs, the manifest "
+                "lists " + std::to_string(want_in.size()));
+  std::vector<at::Tensor> out;
+  try {
+    out = loader_->run(inputs);
+  } catch (const std::exception& e) {
+    throw Error(dir_ + "/model.pt2: the model refused its inputs (" + first_line(e.what()) + ")");
+  }
+  const auto want_out = manifest_.output_shapes(n);
+  bool ok = out.size() == want_out.size();
+  for (size_t k = 0; ok && k < out.size(); ++k) ok = out[k].sizes() == at::IntArrayRef(want_out[k]);
+  if (!ok)
     throw Error(dir_ + "/model.pt2: returned " + std::to_string(out.size()) + " output(s)" +
-                (out.empty() ? "" : " shaped " + shape_str(out[0].sizes())) + ", expected one " +
-                shape_str(want));
-  return out[0].to(at::kFloat).contiguous();
+                (out.empty() ? "" : " (first " + shape_str(out[0].sizes()) + ")") +
+                ", the manifest says " + std::to_string(want_out.size()) + " (first " +
+                shape_str(want_out[0]) + ")");
+  for (auto& t : out) t = t.to(at::kFloat).contiguous();
+  return out;
 }
 
 void Sampler::step1(at::Tensor& x, const at::Tensor& e, const at::Tensor* n0,
@@ -185,6 +225,17 @@ at::Tensor Sampler::run(const Noise& noise, int64_t start, int64_t count) {
     return t.narrow(0, start, count).to(device_, at::kFloat).contiguous();
   };
   auto opt = at::TensorOptions().dtype(at::kFloat).device(device_);
+  if (whole_graph()) {
+    // ddgan --what sampler: (x_T, z (T, n, z_dim), noise (T, n, ...)) -> (x0, samples). The
+    // graph reads noise[k] for every row; rows that draw none (sigma = 0) get zeros.
+    const auto T = static_cast<int64_t>(s.rows.size());
+    auto z = noise.z.narrow(1, start, count).to(device_, at::kFloat).contiguous();
+    auto nz = at::zeros(cat_shape({T, count}, s.data_shape), opt);
+    int64_t d = 0;
+    for (int64_t k = 0; k < T; ++k)
+      if (draws[static_cast<size_t>(k)]) nz[k].copy_(on_dev(noise.noise[d++]));
+    return call_net({on_dev(noise.x_T), z, nz}, count)[0];
+  }
   // Time inputs built before the loop: the loop itself allocates only net outputs.
   std::vector<at::Tensor> times;
   for (size_t k = 0; k < s.rows.size(); ++k)
@@ -195,7 +246,7 @@ at::Tensor Sampler::run(const Noise& noise, int64_t start, int64_t count) {
   if (s.family == "ddgan") {
     for (size_t k = 0; k < s.rows.size(); ++k) {
       // x0' = G(x, z_k, i); x <- c0 x0' + c1 x + sigma n
-      auto x0 = call_net({x, on_dev(noise.z[static_cast<int64_t>(k)]), times[k]});
+      auto x0 = call_net({x, on_dev(noise.z[static_cast<int64_t>(k)]), times[k]}, count)[0];
       at::Tensor n0;
       if (draws[k]) n0 = on_dev(noise.noise[d++]);
       step1(x, x0, draws[k] ? &n0 : nullptr, k);
@@ -206,7 +257,7 @@ at::Tensor Sampler::run(const Noise& noise, int64_t start, int64_t count) {
   auto v = (on_dev(noise.v_T) * s.prior_v_scale).contiguous();
   for (size_t k = 0; k < s.rows.size(); ++k) {
     at::Tensor alpha, n0, n1;
-    if (s.rows[k][0] != 0.0) alpha = call_net({x, v, times[k]});
+    if (s.rows[k][0] != 0.0) alpha = call_net({x, v, times[k]}, count)[0];
     if (draws[k]) {
       n0 = on_dev(noise.noise[d++]);
       n1 = on_dev(noise.noise[d++]);
@@ -220,6 +271,16 @@ at::Tensor Sampler::run(const Noise& noise, int64_t start, int64_t count) {
 at::Tensor Sampler::sample(const Noise& noise, int64_t batch) {
   const int64_t num = noise.num();
   if (batch < 1) throw Error("--batch must be >= 1, got " + std::to_string(batch));
+  // Every network call's batch within the exported range, before the first call.
+  const int64_t lo = manifest_.batch_min, hi = manifest_.batch_max;
+  for (int64_t start = 0; start < num; start += batch) {
+    const int64_t n = std::min(batch, num - start);
+    if (n < lo || n > hi)
+      throw Error("--batch " + std::to_string(batch) + " with " + std::to_string(num) +
+                  " samples makes a network call of " + std::to_string(n) + ", outside the " +
+                  "batch range " + std::to_string(lo) + ".." + std::to_string(hi) +
+                  " this artifact was exported for (manifest.json)");
+  }
   // Off the CPU, the whole run's noise moves to the device once, not per step.
   Noise dev = noise;
   if (!device_.is_cpu())

@@ -4,8 +4,11 @@
 #include "fastsample/schedule.h"
 
 #include <cerrno>
+#include <cfloat>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -35,12 +38,39 @@ int64_t to_int(const std::string& s) {
 }
 
 double to_double(const std::string& s) {
-  errno = 0;
-  char* end = nullptr;
-  const double v = std::strtod(s.c_str(), &end);
-  if (s.empty() || *end != '\0') throw LineError{"invalid number '" + s + "'"};
-  if (!std::isfinite(v)) throw LineError{"non-finite number '" + s + "'"};
+  double v = 0.0;
+  std::string why;
+  if (!parse_schedule_value(s, &v, &why)) throw LineError{why};
   return v;
+}
+
+// An integer in [lo, hi].
+int64_t to_int_in(const std::string& s, int64_t lo, int64_t hi, const char* what) {
+  const int64_t v = to_int(s);
+  if (v < lo || v > hi)
+    throw LineError{std::string(what) + " " + s + " not in " + std::to_string(lo) + ".." +
+                    std::to_string(hi)};
+  return v;
+}
+
+// data_shape / latent_shape: 1..kMaxDims dimensions in 1..kMaxDim, product <= kMaxSampleNumel.
+std::vector<int64_t> to_shape(const std::vector<std::string>& vals) {
+  if (vals.empty()) throw LineError{"no dimensions"};
+  if (static_cast<int64_t>(vals.size()) > kMaxDims)
+    throw LineError{std::to_string(vals.size()) + " dimensions, at most " +
+                    std::to_string(kMaxDims)};
+  std::vector<int64_t> shape;
+  int64_t numel = 1;
+  for (const auto& v : vals) {
+    const int64_t d = to_int(v);
+    if (d < 1) throw LineError{"dimension " + v + " < 1"};
+    if (d > kMaxDim) throw LineError{"dimension " + v + " > " + std::to_string(kMaxDim)};
+    numel *= d;   // <= 65536^8 would overflow: checked per step
+    if (numel > kMaxSampleNumel)
+      throw LineError{"more than " + std::to_string(kMaxSampleNumel) + " elements per sample"};
+    shape.push_back(d);
+  }
+  return shape;
 }
 
 std::string join(const std::vector<std::string>& v) {
@@ -49,12 +79,55 @@ std::string join(const std::vector<std::string>& v) {
   return out;
 }
 
+bool digit(char c) { return c >= '0' && c <= '9'; }
+
+std::string fmt_g(double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+
 }  // namespace
+
+bool parse_schedule_value(const std::string& tok, double* out, std::string* why) {
+  // [+-]? (D+ (. D*)? | . D+) ([eE] [+-]? D+)?
+  size_t i = 0;
+  const size_t n = tok.size();
+  if (i < n && (tok[i] == '+' || tok[i] == '-')) ++i;
+  size_t mant = 0;
+  while (i < n && digit(tok[i])) ++i, ++mant;
+  if (i < n && tok[i] == '.') {
+    ++i;
+    while (i < n && digit(tok[i])) ++i, ++mant;
+  }
+  bool ok = mant > 0;
+  if (ok && i < n && (tok[i] == 'e' || tok[i] == 'E')) {
+    ++i;
+    if (i < n && (tok[i] == '+' || tok[i] == '-')) ++i;
+    size_t ex = 0;
+    while (i < n && digit(tok[i])) ++i, ++ex;
+    ok = ex > 0;
+  }
+  if (!ok || i != n) {
+    *why = "invalid number '" + tok + "' (plain decimal only: no hex, inf or nan)";
+    return false;
+  }
+  // The grammar is a subset of strtod's, which rounds correctly as Python's float() does.
+  errno = 0;
+  const double v = std::strtod(tok.c_str(), nullptr);
+  if (!std::isfinite(v) || std::fabs(v) > static_cast<double>(FLT_MAX)) {
+    *why = "number '" + tok + "' overflows float32";
+    return false;
+  }
+  *out = v;
+  return true;
+}
 
 Schedule Schedule::parse(const std::string& text, const std::string& where) {
   Schedule s;
   int64_t version = -1;
   std::set<std::string> seen;
+  std::vector<int> row_lines;
   std::istringstream lines(text);
   std::string line;
   for (int n = 1; std::getline(lines, line); ++n) {
@@ -72,12 +145,15 @@ Schedule Schedule::parse(const std::string& text, const std::string& where) {
       };
       if (key == "row") {
         if (s.columns.empty()) throw LineError{"a row before the columns line"};
+        if (static_cast<int64_t>(s.rows.size()) >= kMaxRows)
+          throw LineError{"more than " + std::to_string(kMaxRows) + " rows"};
         if (vals.size() != s.columns.size())
           throw LineError{std::to_string(vals.size()) + " values, " +
                           std::to_string(s.columns.size()) + " columns"};
         std::vector<double> row;
         for (const auto& v : vals) row.push_back(to_double(v));
         s.rows.push_back(std::move(row));
+        row_lines.push_back(n);
       } else if (key == "columns") {
         s.columns = vals;
       } else if (key == "fastsample-schedule") {
@@ -89,20 +165,16 @@ Schedule Schedule::parse(const std::string& text, const std::string& where) {
       } else if (key == "sampler") {
         s.sampler = one();
       } else if (key == "nfe") {
-        s.nfe = to_int(one());
+        s.nfe = to_int_in(one(), 1, kMaxRows, "nfe");
       } else if (key == "data_shape") {
-        if (vals.empty()) throw LineError{"no dimensions"};
-        s.data_shape.clear();
-        for (const auto& v : vals) {
-          const int64_t d = to_int(v);
-          if (d < 1) throw LineError{"dimension " + v + " < 1"};
-          s.data_shape.push_back(d);
-        }
+        s.data_shape = to_shape(vals);
+      } else if (key == "latent_shape") {
+        to_shape(vals);   // lsgm: not run here, but bounded like data_shape
       } else if (key == "z_dim") {
-        s.z_dim = to_int(one());
-        if (s.z_dim < 1) throw LineError{"z_dim must be >= 1"};
+        s.z_dim = to_int_in(one(), 1, kMaxDim, "z_dim");
       } else if (key == "prior_v_scale") {
         s.prior_v_scale = to_double(one());
+        if (!(s.prior_v_scale > 0.0)) throw LineError{"prior_v_scale must be > 0"};
       } else if (key == "postprocess") {
         s.postprocess = one();
         if (s.postprocess != "quantize17" && s.postprocess != "clamp01" && s.postprocess != "none")
@@ -141,10 +213,25 @@ Schedule Schedule::parse(const std::string& text, const std::string& where) {
   if (calls != s.nfe)
     throw Error(where + ": nfe " + std::to_string(s.nfe) + " but the rows call the net " +
                 std::to_string(calls) + " times");
+  if (s.family == "ddgan") {
+    // i is the generator's step index: an integer in 1..nfe (= T)
+    for (size_t k = 0; k < s.rows.size(); ++k) {
+      const double i = s.rows[k][0];
+      if (i != std::floor(i) || i < 1.0 || i > static_cast<double>(s.rows.size()))
+        throw Error(where + ":" + std::to_string(row_lines[k]) + ": ddgan step index i = " + fmt_g(i) +
+                    " is not an integer in 1.." +
+                    std::to_string(s.rows.size()) + " (T, the rows)");
+    }
+  }
   return s;
 }
 
 Schedule Schedule::read(const std::string& path) {
+  std::error_code ec;
+  const auto size = std::filesystem::file_size(path, ec);
+  if (!ec && size > static_cast<uintmax_t>(kMaxScheduleBytes))
+    throw Error(path + ": " + std::to_string(size) + " bytes, more than a schedule may hold (" +
+                std::to_string(kMaxScheduleBytes) + ")");
   std::ifstream f(path, std::ios::binary);
   if (!f) throw Error(path + ": cannot read the schedule (missing or unreadable)");
   std::ostringstream ss;

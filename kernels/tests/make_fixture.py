@@ -2,13 +2,15 @@
 
     python kernels/tests/make_fixture.py OUT_DIR [--num 4] [--cld-steps 8]
 
-Writes, for each case (ddgan, cld-sscs, cld-em):
+Writes, for each case (ddgan, ddgan-sampler, cld-sscs, cld-em):
 
     OUT_DIR/<case>/model.pt2        AOTInductor package from `python -m fastsample.export --format
-                                    aoti` (export_model_pt2; one compile per family, the cld-em
-                                    directory reuses cld-sscs's file)
+                                    aoti` (export_model_pt2; one compile per family and --what, the
+                                    cld-em directory reuses cld-sscs's file); ddgan-sampler is the
+                                    `--what sampler` graph (the whole loop, one call)
     OUT_DIR/<case>/schedule.txt     fastsample.samplers.plan table
-    OUT_DIR/<case>/manifest.json    a minimal manifest (the C++ side only checks that it exists)
+    OUT_DIR/<case>/manifest.json    the export's manifest, its schedule, sampler, steps and files
+                                    (sha256 of model.pt2 and schedule.txt) rewritten for the case
     OUT_DIR/<case>/noise/           x_T.npy, v_T.npy (cld), z.npy (ddgan), noise.npy: the draws the
                                     loop consumes, in the format of kernels/README.md
     OUT_DIR/<case>/expected/        x.npy (model space) and samples.npy (data space) from run_table
@@ -53,9 +55,10 @@ BATCH_SPLIT = 3             # expected/*_b3.npy: the Python loop in batches of 3
 #-----------------------------------------------------------------------------------------------
 # The one export call: the product's own exporter, so ctest runs what users deploy.
 
-def export_model_pt2(ckpt: Path, what: str, out: Path) -> None:
+def export_model_pt2(ckpt: Path, what: str, out: Path) -> dict:
     """`python -m fastsample.export CKPT --format aoti --what WHAT` (its parity gate included);
-    the fixture keeps only model.pt2 and writes its own schedule.txt per case."""
+    the fixture keeps model.pt2 and returns the manifest, and writes its own schedule.txt per
+    case (_write_case rewrites the manifest to match)."""
     from fastsample.export.command import main as export_main
     art = out.parent / f".export-{what}"
     rc = export_main([str(ckpt), "--format", "aoti", "--what", what, "--out", str(art),
@@ -63,7 +66,9 @@ def export_model_pt2(ckpt: Path, what: str, out: Path) -> None:
     if rc != 0:
         sys.exit(f"make_fixture: python -m fastsample.export failed (exit {rc})")
     shutil.move(str(art / "model.pt2"), str(out))
+    manifest = json.loads((art / "manifest.json").read_text())
     shutil.rmtree(art)
+    return manifest
 
 
 #-----------------------------------------------------------------------------------------------
@@ -79,14 +84,27 @@ def _flat_noise(noise: list, like: torch.Tensor) -> torch.Tensor:
     return torch.stack(draws) if draws else torch.zeros((0, *like.shape))
 
 
-def _write_case(case: Path, table: Table, model_pt2: Path, noise_files: dict, expected: dict):
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_case(case: Path, table: Table, model_pt2: Path, noise_files: dict, expected: dict,
+                manifest: dict):
     case.mkdir(parents=True, exist_ok=True)
     if model_pt2 != case / "model.pt2":
         shutil.copyfile(model_pt2, case / "model.pt2")
     table.write(case / "schedule.txt")
-    (case / "manifest.json").write_text(json.dumps({
-        "family": table.family, "format": "aoti", "sampler": table.header["sampler"][0],
-        "note": "written by kernels/tests/make_fixture.py (test fixture)"}, indent=1) + "\n")
+    # The export's manifest for this case's table; files: what the runtime loads (noise/ and
+    # expected/ are test data beside the artifact).
+    man = dict(manifest)
+    man.update({
+        "sampler": table.header["sampler"][0], "steps": table.header["nfe"][0],
+        "schedule": {"file": "schedule.txt",
+                     "header": {k: list(v) for k, v in table.header.items()},
+                     "columns": list(table.columns), "rows": [list(r) for r in table.rows]},
+        "files": {name: _sha256(case / name) for name in ("model.pt2", "schedule.txt")},
+        "note": "export manifest rewritten by kernels/tests/make_fixture.py (test fixture)"})
+    (case / "manifest.json").write_text(json.dumps(man, indent=1) + "\n")
     for name, t in noise_files.items():
         _save(case / "noise" / f"{name}.npy", t)
     for name, t in expected.items():
@@ -128,11 +146,32 @@ def make_ddgan(out: Path, num: int) -> None:
         sys.exit("make_fixture: run_table does not reproduce the ddgan sampler")
     case = out / "ddgan"
     case.mkdir(parents=True, exist_ok=True)
-    export_model_pt2(DDGAN_CKPT, "generator", case / "model.pt2")
+    man = export_model_pt2(DDGAN_CKPT, "generator", case / "model.pt2")
     aoti = torch._inductor.aoti_load_package(str(case / "model.pt2"))
-    _write_case(case, tab, case / "model.pt2",
-                {"x_T": x_T, "z": z, "noise": _flat_noise(noise, x_T)},
-                _expected(tab, m.denoise, aoti, x_T, noise, z=z))
+    expected = _expected(tab, m.denoise, aoti, x_T, noise, z=z)
+    noise_files = {"x_T": x_T, "z": z, "noise": _flat_noise(noise, x_T)}
+    _write_case(case, tab, case / "model.pt2", noise_files, expected, man)
+    # --what sampler: the whole loop as one graph, fed the same draws; noise (T, N, ...) holds
+    # each row's draw (zeros where sigma = 0, a row the graph reads but does not use).
+    case = out / "ddgan-sampler"
+    case.mkdir(parents=True, exist_ok=True)
+    man = export_model_pt2(DDGAN_CKPT, "sampler", case / "model.pt2")
+    graph = torch._inductor.aoti_load_package(str(case / "model.pt2"))
+    full = torch.stack([row[0] if row else torch.zeros_like(x_T) for row in noise])
+
+    def whole(sl):
+        with torch.no_grad():
+            x0, samples = graph(x_T[sl], z[:, sl].contiguous(), full[:, sl].contiguous())
+        if not torch.equal(samples, postprocess(tab, x0)):
+            sys.exit("make_fixture: the sampler graph's samples are not postprocess(x0)")
+        return x0
+    x_g = whole(slice(None))
+    x_g3 = torch.cat([whole(slice(s, s + BATCH_SPLIT)) for s in range(0, num, BATCH_SPLIT)])
+    expected = {"x": expected["x"], "samples": expected["samples"],
+                "x_aoti": x_g, "samples_aoti": postprocess(tab, x_g),
+                f"x_aoti_b{BATCH_SPLIT}": x_g3,
+                f"samples_aoti_b{BATCH_SPLIT}": postprocess(tab, x_g3)}
+    _write_case(case, tab, case / "model.pt2", noise_files, expected, man)
 
 
 def make_cld(out: Path, num: int, steps: int) -> None:
@@ -144,7 +183,7 @@ def make_cld(out: Path, num: int, steps: int) -> None:
     v_T = v_raw * math.sqrt(m.cld.M)
     model_pt2 = out / "cld-sscs" / "model.pt2"
     model_pt2.parent.mkdir(parents=True, exist_ok=True)
-    export_model_pt2(CLD_CKPT, "score", model_pt2)
+    man = export_model_pt2(CLD_CKPT, "score", model_pt2)
     aoti = torch._inductor.aoti_load_package(str(model_pt2))
     for name in ("sscs", "em"):
         tab = cld_table(m, name, steps)
@@ -155,7 +194,7 @@ def make_cld(out: Path, num: int, steps: int) -> None:
             sys.exit(f"make_fixture: run_table does not reproduce the cld {name} sampler")
         _write_case(out / f"cld-{name}", tab, model_pt2,
                     {"x_T": x_T, "v_T": v_raw, "noise": _flat_noise(noise, x_T)},
-                    _expected(tab, m.alpha, aoti, x_T, noise, v=v_T))
+                    _expected(tab, m.alpha, aoti, x_T, noise, v=v_T), man)
 
 
 #-----------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ void test_schedule() {
   EXPECT(s.at(0, "c1") == 0.25);
   expect_error("fastsample-schedule 2\n", "format 1");
   expect_error(head + "row 2 0.5 0.25\n", "s.txt:9: bad 'row' line");
-  expect_error(head + "row 2 0.5 0.25 nan\n", "non-finite");
+  expect_error(head + "row 2 0.5 0.25 nan\n", "invalid number 'nan'");
   expect_error(head + "row 2 0.5 0.25 x\n", "invalid number 'x'");
   expect_error("fastsample-schedule 1\nfamily ddgan\nsampler posterior\nnfe x\n",
                "s.txt:4: bad 'nfe' line");

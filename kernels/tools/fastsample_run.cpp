@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -31,17 +32,22 @@ const char* kUsage =
     "Runs the sampler loop of an exported artifact (model.pt2 + schedule.txt + manifest.json)\n"
     "and writes data-space samples (float32 .npy, (N, *data_shape)).\n"
     "\n"
-    "  --num N         samples (required)\n"
-    "  --seed S        seed of this runtime's own normal draws (default 0; not Python's stream)\n"
+    "  --num N         samples (required; 1..2^32, and the draws at most 4 GiB)\n"
+    "  --seed S        seed of this runtime's own normal draws, 0..2^64-1 (default 0; not\n"
+    "                  Python's stream)\n"
     "  --out PATH      write the samples here (.npy); without it nothing is written\n"
     "  --noise DIR     read the draws from DIR (x_T.npy, v_T.npy, z.npy, noise.npy; see\n"
     "                  kernels/README.md) instead of drawing them; N must match their batch\n"
-    "  --batch B       samples per network call (default N); samples do not depend on it\n"
+    "  --batch B       samples per network call (default: N, at most the artifact's max\n"
+    "                  batch); every call must lie in the exported batch range\n"
     "  --device D      cpu (default) or cuda (CUDA builds with a CUDA artifact only)\n"
-    "  --repeat R      run the whole sampling R times (default 1); p50/p99 over runs 2..R\n"
-    "  --threads T     intra-op threads (default: libtorch's choice)\n"
+    "  --repeat R      run the whole sampling R times (default 1, at most 100000); p50/p99\n"
+    "                  over runs 2..R\n"
+    "  --threads T     intra-op threads, 1..1024 (default: libtorch's choice)\n"
     "\n"
-    "Prints the NFE and the latency per run and per sample. Exit 2 on bad input.\n";
+    "Prints the NFE and the latency per run and per sample. Before loading anything it\n"
+    "verifies the sha256 of every file manifest.json lists, and before the first model call\n"
+    "every input shape against the manifest. Exit 2 on bad input (one line on stderr).\n";
 
 struct Args {
   std::string dir, out, noise, device = "cpu";
@@ -49,15 +55,31 @@ struct Args {
   uint64_t seed = 0;
 };
 
-int64_t to_int(const std::string& flag, const std::string& s, int64_t min) {
-  char* end = nullptr;
-  errno = 0;
-  const long long v = std::strtoll(s.c_str(), &end, 10);
-  if (s.empty() || *end != '\0' || errno == ERANGE || v < min)
-    throw fastsample::Error(flag + ": expected an integer >= " + std::to_string(min) + ", got '" +
-                            s + "'");
+// A decimal integer in [min, max] (digits only, no sign), else one line naming the flag.
+uint64_t to_uint(const std::string& flag, const std::string& s, uint64_t min, uint64_t max) {
+  bool ok = !s.empty() && s.size() <= 20;
+  for (char c : s) ok = ok && c >= '0' && c <= '9';
+  uint64_t v = 0;
+  if (ok) {
+    errno = 0;
+    char* end = nullptr;
+    v = std::strtoull(s.c_str(), &end, 10);
+    ok = *end == '\0' && errno != ERANGE && v >= min && v <= max;
+  }
+  if (!ok)
+    throw fastsample::Error(flag + ": expected an integer in " + std::to_string(min) + ".." +
+                            std::to_string(max) + ", got '" + s + "'");
   return v;
 }
+
+int64_t to_int(const std::string& flag, const std::string& s, int64_t min, int64_t max) {
+  return static_cast<int64_t>(
+      to_uint(flag, s, static_cast<uint64_t>(min), static_cast<uint64_t>(max)));
+}
+
+constexpr int64_t kMaxNum = 1LL << 32;
+constexpr int64_t kMaxRepeat = 100000;
+constexpr int64_t kMaxThreads = 1024;
 
 Args parse(int argc, char** argv) {
   Args a;
@@ -72,23 +94,23 @@ Args parse(int argc, char** argv) {
       std::cout << kUsage;
       std::exit(0);
     } else if (f == "--num") {
-      a.num = to_int(f, value(), 1);
+      a.num = to_int(f, value(), 1, kMaxNum);
     } else if (f == "--seed") {
-      a.seed = static_cast<uint64_t>(to_int(f, value(), 0));
+      a.seed = to_uint(f, value(), 0, UINT64_MAX);
     } else if (f == "--out") {
       a.out = value();
     } else if (f == "--noise") {
       a.noise = value();
     } else if (f == "--batch") {
-      a.batch = to_int(f, value(), 1);
+      a.batch = to_int(f, value(), 1, kMaxNum);
     } else if (f == "--device") {
       a.device = value();
       if (a.device != "cpu" && a.device != "cuda")
         throw fastsample::Error("--device: expected cpu|cuda, got '" + a.device + "'");
     } else if (f == "--repeat") {
-      a.repeat = to_int(f, value(), 1);
+      a.repeat = to_int(f, value(), 1, kMaxRepeat);
     } else if (f == "--threads") {
-      a.threads = to_int(f, value(), 1);
+      a.threads = to_int(f, value(), 1, kMaxThreads);
     } else if (f.size() > 1 && f[0] == '-') {
       throw fastsample::Error("unknown option '" + f + "' (see --help)");
     } else {
@@ -110,7 +132,9 @@ int run(const Args& a) {
   auto noise = a.noise.empty() ? sampler.draw_noise(a.num, a.seed)
                                : sampler.load_noise(a.noise, a.num);
   const int64_t num = noise.num();
-  const int64_t batch = a.batch > 0 ? std::min(a.batch, num) : num;
+  // Default: as few calls as the artifact's batch range allows.
+  const int64_t batch = a.batch > 0 ? std::min(a.batch, num)
+                                    : std::min(num, sampler.manifest().batch_max);
   std::printf("fastsample-run: %s %s, nfe %lld, %lld samples in batches of %lld on %s "
               "(%d threads)\n",
               s.family.c_str(), s.sampler.c_str(), static_cast<long long>(s.nfe),
@@ -152,7 +176,11 @@ int main(int argc, char** argv) {
   try {
     return run(parse(argc, argv));
   } catch (const fastsample::Error& e) {
-    std::cerr << "fastsample-run: error: " << e.what() << "\n";
+    // One line, whatever a path or a message carried.
+    std::string msg = e.what();
+    for (char& c : msg)
+      if (c == '\n' || c == '\r') c = ' ';
+    std::cerr << "fastsample-run: error: " << msg << "\n";
     return 2;
   } catch (const std::exception& e) {
     std::string msg = e.what();

@@ -1,4 +1,4 @@
-// schedule.txt: the sampler as a plain-text table (format: fastsample/export/schedule.py).
+// schedule.txt: the sampler as a plain-text table (format: fastsample/samplers/plan.py).
 
 #pragma once
 
@@ -7,6 +7,21 @@
 #include <vector>
 
 namespace fastsample {
+
+// Bounds on what a schedule may ask for (kernels/README.md); beyond them: fastsample::Error.
+constexpr int64_t kMaxScheduleBytes = 64LL << 20;   // schedule.txt file size
+constexpr int64_t kMaxRows = 100000;                 // rows (loop steps); also bounds nfe
+constexpr int64_t kMaxDims = 8;                      // data_shape / latent_shape dimensions
+constexpr int64_t kMaxDim = 65536;                   // one dimension, z_dim
+constexpr int64_t kMaxSampleNumel = 1LL << 24;       // product of data_shape / latent_shape
+
+// The one number grammar of schedule.txt values, shared with Python's parse_value in
+// fastsample/samplers/plan.py and tested on both sides from kernels/tests/
+// schedule_grammar_cases.txt: plain decimal floats
+//     [+-]? (D+ (. D*)? | . D+) ([eE] [+-]? D+)?      D = ASCII 0-9
+// (no hex, inf, nan, underscores or non-ASCII digits) whose value fits float32
+// (|v| <= FLT_MAX; underflow to 0 is fine). Returns false and sets `why` otherwise.
+bool parse_schedule_value(const std::string& tok, double* out, std::string* why);
 
 struct Schedule {
   std::string family;                  // ddgan | cld
