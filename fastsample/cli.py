@@ -155,12 +155,20 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     from fastsample.io import atomic_save_npz
     from fastsample.models import get, load_model
 
-    if ns.num < 1:
-        raise ValueError(f"--num must be >= 1, got {ns.num}")
-    if ns.steps is not None and ns.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {ns.steps}")
-    if not ns.out.endswith(".npz"):
-        raise ValueError(f"--out must name a .npz file, got {ns.out!r}")
+    from fastsample.io import check_output_path
+    from fastsample.samplers import MAX_NUM, MAX_STEPS
+
+    # Every argument is checked before the checkpoint is read or a sample drawn.
+    _check_range("--num", ns.num, 1, MAX_NUM)
+    if ns.steps is not None:
+        _check_range("--steps", ns.steps, 1, MAX_STEPS)
+    if ns.batch is not None:
+        _check_range("--batch", ns.batch, 1, MAX_NUM)
+    _check_range("--seed", ns.seed, 0, (1 << 63) - 1)
+    _check_device(ns.device)
+    check_output_path(ns.out, "--out", ".npz")
+    if ns.png:
+        check_output_path(ns.png, "--png", ".png")
     model, card = load_model(ns.checkpoint, device=ns.device)
     entry = get(card.family)
     is_image = card.dataset != "" and not card.dataset.startswith("toy2d:")
@@ -194,6 +202,23 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     print(f"{ns.out}: {ns.num} samples, {card.family}/{ns.sampler}, nfe={nfe}, "
           f"{seconds:.3f} s ({seconds / ns.num * 1e3:.3f} ms/sample)")
     return 0
+
+
+def _check_range(flag: str, v: int, lo: int, hi: int) -> None:
+    if not lo <= v <= hi:
+        raise ValueError(f"{flag} must be in [{lo}, {hi}], got {v}")
+
+
+def _check_device(device: str) -> None:
+    import torch
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: only cpu and cuda are supported")
 
 
 def _sample_engine(model, card, ns, batch: int, opts: dict):
@@ -252,6 +277,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     from fastsample.models import load_model
     from fastsample.models.registry import REGISTRY, released_checkpoint
 
+    _check_range("--num", ns.num, 1, samplers.MAX_NUM)
+    _check_device(ns.device)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -35,13 +35,40 @@ def atomic_save_npz(path, **arrays) -> None:
         raise
 
 
+def check_output_path(path, flag: str, suffix: str) -> Path:
+    """Refuse, before any work, an output path that cannot be written: wrong suffix, an existing
+    directory, a parent that is missing, not a directory, or not writable."""
+    path = Path(path)
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"{flag} must name a {suffix} file, got {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; name a {suffix} file in it")
+    parent = path.parent if str(path.parent) else Path(".")
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{flag} {path}: {p} is not a directory")
+            break
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write into {parent} (permission denied)")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path}: the existing file is read-only")
+    return path
+
+
 def load_samples_npz(path) -> tuple[torch.Tensor, dict]:
     """Read a `fastsample sample` file: (samples float32 tensor, {nfe, seconds, ...})."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            raise ValueError(f"{path}: a bare .npy array, not a `fastsample sample` .npz "
+                             f"(samples + nfe + seconds)")
+        with loaded as z:
             if "samples" not in z.files:
                 raise ValueError(f"{path}: no `samples` array (keys: {', '.join(z.files)})")
             _check_npy_header(path, "samples")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,7 +72,16 @@ def export_onnx(spec: Spec, path: Path, *, opset: int, dtype: str, lo: int, hi: 
     # The example batch must lie strictly inside a dynamic range (torch.export specialises 0/1).
     n = lo if lo == hi else min(max(lo, 2) + 1, hi)
     args = example_inputs(spec, n, DTYPES[dtype], device)
-    with Timer() as tm, torch_kernels(), torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+    with Timer() as tm, torch_kernels(), torch.no_grad(), contextlib.redirect_stdout(sys.stderr), \
+            warnings.catch_warnings():
+        # Two warnings from inside torch's own exporter, about torch's internals, with nothing a
+        # caller can change: pytree's LeafSpec deprecation (torch.utils._pytree, FutureWarning)
+        # and "the axis name: batch will not be used" (every input's batch axis shares one Dim,
+        # which is the point). Anything else still shows.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
+                                category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used",
+                                category=UserWarning)
         try:
             prog = torch.onnx.export(
                 module, args, dynamo=True, opset_version=opset, optimize=False,

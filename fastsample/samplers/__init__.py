@@ -46,7 +46,7 @@ class SamplingError(ValueError):
 
 
 # Bounds that keep an absurd request from exhausting memory or time before it fails.
-MAX_NUM = 10_000_000
+MAX_NUM = 1_000_000
 MAX_STEPS = 100_000
 
 

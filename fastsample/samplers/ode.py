@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torchdiffeq import odeint
 
+from fastsample.samplers import SamplingError
+
 METHODS = ("dopri5", "bosh3", "adaptive_heun", "dopri8")
 
 
@@ -26,7 +28,17 @@ def solve(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], y0: torch.Ten
     def counted(t, y):
         nonlocal nfe
         nfe += 1
-        return f(t.to(torch.float64), y)
+        # A non-finite field makes the step-size control produce NaN times, which then fail
+        # deep inside the SDE's scalar formulas; stop at the first bad evaluation instead. The
+        # adaptive solver syncs on its error norm anyway, so this check costs no extra sync.
+        if not bool(torch.isfinite(t)):
+            raise SamplingError(f"the ODE solver reached a non-finite time after {nfe - 1} "
+                                f"network calls: the network returned non-finite values")
+        out = f(t.to(torch.float64), y)
+        if not bool(torch.isfinite(out).all()):
+            raise SamplingError(f"the ODE's drift is non-finite at t = {float(t):.6g} (network "
+                                f"call {nfe}): the checkpoint may be broken")
+        return out
 
     ts = torch.tensor([t0, t1], dtype=torch.float64, device=y0.device)
     ys = odeint(counted, y0, ts, rtol=rtol, atol=atol, method=method)
