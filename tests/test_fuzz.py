@@ -9,6 +9,7 @@ below are fixed and `derandomize=True` makes every run the same, so the suite st
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -45,19 +46,27 @@ VALID_CARD = json.loads((GRID / "ddgan.json").read_text())
 
 def _card_is_valid(d) -> bool:
     """The card contract (checkpoint.py), written independently of the parser."""
-    if not isinstance(d, dict) or set(d) - set(VALID_CARD) or set(ck._REQUIRED) - set(d):
+    if not isinstance(d, dict) or set(d) - (set(VALID_CARD) | {"config", "data_shape"}) \
+            or set(ck._REQUIRED) - set(d):
         return False
 
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
-    return (d["family"] in ck.FAMILIES and isinstance(d["dataset"], str) and d["dataset"] != ""
+    v2 = is_int(d["format_version"]) and d["format_version"] == 2
+    if v2 and not (isinstance(d.get("config"), dict) and isinstance(d.get("data_shape"), list)
+                   and 1 <= len(d["data_shape"]) <= 4
+                   and all(is_int(n) and 1 <= n <= 4096 for n in d["data_shape"])):
+        return False
+    family = d["family"]
+    return (isinstance(family, str) and re.fullmatch(r"[a-z][a-z0-9_-]{0,63}", family) is not None
+            and isinstance(d["dataset"], str) and d["dataset"] != ""
             and isinstance(d["net_config"], dict) and isinstance(d["sde_config"], dict)
             and is_int(d["train_steps"]) and d["train_steps"] >= 0 and is_int(d["seed"])
             and isinstance(d["wall_time_s"], (int, float)) and not isinstance(d["wall_time_s"],
                                                                                bool)
             and math.isfinite(d["wall_time_s"]) and d["wall_time_s"] >= 0
             and isinstance(d["package_version"], str) and isinstance(d["git_commit"], str)
-            and is_int(d["format_version"]) and d["format_version"] == ck.FORMAT_VERSION
+            and is_int(d["format_version"]) and d["format_version"] in (1, ck.FORMAT_VERSION)
             and d.get("stored_dtype", "float32") in ("float32", "float16", "bfloat16")
             and isinstance(d.get("extra", {}), dict))
 
@@ -397,7 +406,7 @@ def test_sample_numeric_arguments(tmp_path_factory, capsys, one_thread, steps, n
     rc = _cli(argv, capsys)
     s, sd, b = _as_int(steps), _as_int(seed), None if batch is None else _as_int(batch)
     valid = (n is not None and n >= 1 and s == 4 and sd is not None and 0 <= sd < 2**63
-             and (batch is None or (b is not None and b >= 1)))
+             and (batch is None or (b is not None and 1 <= b <= 1_000_000)))
     if valid:
         assert rc == 0 and out.exists()
     else:

@@ -75,3 +75,25 @@ def test_lsgm_table_reproduces_em_sampler(one_thread):
     z0 = run_table(tab, m.eps, z_T, twin_noise(tab, SEED, z_T))
     got = postprocess(tab, m.decode(z0))
     assert nfe == 6 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("line,match", [
+    ("prior_v_scale inf", "invalid number 'inf'"), ("prior_v_scale 1_0", "invalid number"),
+    ("nfe 1_000", "invalid integer"), ("z_dim 99999999", "larger than"),
+    ("data_shape -1 8 8", "invalid integer")])
+def test_header_values_follow_the_one_grammar(line, match):
+    """Header numbers obey the same grammar and caps as the C++ reader (issue 18)."""
+    text = ("fastsample-schedule 1\nfamily ddgan\nsampler posterior\nnfe 1\ndata_shape 2\n"
+            "postprocess none\n" + line + "\ncolumns i c0 c1 sigma\nrow 1 1 0 0\n")
+    with pytest.raises(ScheduleError, match=match):
+        Table.parse(text, "t.txt")
+
+
+def test_row_count_is_capped():
+    from fastsample.samplers.plan import MAX_ROWS
+    head = ("fastsample-schedule 1\nfamily ddgan\nsampler posterior\nnfe 1\ndata_shape 2\n"
+            "postprocess none\ncolumns i c0 c1 sigma\n")
+    ok = Table.parse(head + "row 1 1 0 0\n" * MAX_ROWS, "t.txt")
+    assert len(ok.rows) == MAX_ROWS
+    with pytest.raises(ScheduleError, match=f"more than {MAX_ROWS} rows"):
+        Table.parse(head + "row 1 1 0 0\n" * (MAX_ROWS + 1), "t.txt")

@@ -26,7 +26,8 @@ import re
 import stat
 from pathlib import Path, PurePosixPath
 
-from fastsample.export.core import FORMATS, MANIFEST_VERSION, WHATS, ExportError
+from fastsample.export.core import FORMATS, MANIFEST_VERSION, ExportError
+from fastsample.models.registry import REGISTRY
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
@@ -126,7 +127,7 @@ def parse_manifest(text, where="manifest.json") -> dict:
     if man.get("format") not in FORMATS:
         raise _bad(where, f"format {man.get('format')!r} is not one of {'|'.join(FORMATS)}")
     fam = man.get("family")
-    if fam not in WHATS or man.get("what") not in WHATS[fam]:
+    if fam not in REGISTRY or man.get("what") not in REGISTRY[fam].exports:
         raise _bad(where, f"family/what {fam!r}/{man.get('what')!r} is not an exportable pair")
     batch = man.get("batch")
     if not isinstance(batch, dict) or not all(_is_int(batch.get(k)) for k in ("min", "max")) \

@@ -74,6 +74,10 @@ class ScheduleError(ValueError):
 # inf, nan, underscores), whose value fits float32 (underflow to 0 is fine).
 _VALUE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _FLT_MAX = 3.4028234663852886e38
+_INT = re.compile(r"[0-9]+")
+# The C++ reader's caps (kernels/README.md): rows per plan and any integer in the header.
+MAX_ROWS = 100_000
+MAX_INT = 1 << 24
 
 
 def parse_value(tok: str) -> float:
@@ -134,6 +138,8 @@ class Table:
                 if key == "row":
                     if not table.columns:
                         raise ValueError("a row before the columns line")
+                    if len(table.rows) >= MAX_ROWS:
+                        raise ValueError(f"more than {MAX_ROWS} rows")
                     row = tuple(parse_value(v) for v in vals)
                     if len(row) != len(table.columns) or not all(map(math.isfinite, row)):
                         raise ValueError(f"{len(row)} finite values expected "
@@ -148,7 +154,7 @@ class Table:
                 elif not vals:
                     raise ValueError("no value")
                 elif key in _INT_KEYS:
-                    table.header[key] = tuple(int(v) for v in vals)
+                    table.header[key] = tuple(_parse_int(v) for v in vals)
                 else:
                     table.header[key] = tuple(_num_or_str(v) for v in vals)
             except ValueError as e:
@@ -174,10 +180,26 @@ def _fmt(v) -> str:
 
 
 def _num_or_str(v: str):
+    """A header value: a number in the one grammar (parse_value), else a word; a token that
+    Python's float() would read (inf, nan, 1_0, hex) but the grammar refuses is an error, not a
+    word, so both readers see the same header."""
     try:
-        return float(v)
+        return parse_value(v)
     except ValueError:
-        return v
+        try:
+            float(v)
+        except ValueError:
+            return v
+        raise
+
+
+def _parse_int(v: str) -> int:
+    if not _INT.fullmatch(v):
+        raise ValueError(f"invalid integer {v!r} (decimal digits only)")
+    n = int(v)
+    if n > MAX_INT:
+        raise ValueError(f"integer {v} is larger than {MAX_INT}")
+    return n
 
 
 def postprocess_name(data_shape, dataset: str) -> str:
