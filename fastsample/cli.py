@@ -372,6 +372,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     """SIGINT/SIGTERM during training: a checkpoint at the current step, one line, exit
     130/143. SIGINT before the loop starts (data loading): one line, exit 130, no checkpoint."""
     from fastsample.train import TrainingInterrupted
+    _check_device(ns.device)
     try:
         return _cmd_train(ns)
     except TrainingInterrupted as e:

@@ -118,3 +118,12 @@ def test_non_finite_samples_exit_2_from_the_cli(tmp_path, capsys, monkeypatch):
                     "--steps", "3", "--num", "4", "--out", str(out)], "non-finite")
     assert not out.exists()
 
+
+
+@pytest.mark.parametrize("device,match", [("foo", "not a device"), ("cuda", "CUDA is not")])
+def test_train_device_is_checked_first(tmp_path, capsys, device, match):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    _fails(capsys, ["train", "--model", "ddpm", "--data", "toy2d:grid25", "--out",
+                    str(tmp_path / "run"), "--steps", "2", "--device", device], match)
+    assert not (tmp_path / "run").exists()
