@@ -78,6 +78,34 @@ def test_config_defaults_and_validation(toy, digits):
     assert warped.t_power == 2.0 and ddgan.schedule_of(warped).t_power == 2.0
 
 
+# The presets as they were before Config's defaults became the released image preset (and before
+# cond_group / ds_weight / ds_cap were removed): every field, so any drift shows.
+_DIGITS_PRESET = {
+    "T": 4, "z_dim": 32, "arch": "unet", "base_ch": 32, "disc_base_ch": 32,
+    "disc_ch_mult": (1, 2, 2), "disc_mbstd": 4, "hidden": 128, "num_layers": 4,
+    "lr_g": 0.00016, "lr_d": 0.000125, "beta1": 0.5, "beta2": 0.9, "lr_min_frac": 0.1,
+    "r1_gamma": 0.02, "lazy_reg": 15, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
+    "t_power": 1.0, "eval_samples": 1000, "train_steps": 8000, "batch_size": 64,
+    "ema_decay": 0.999, "grad_clip": 0.0}
+_GRID25_PRESET = {
+    "T": 4, "z_dim": 8, "arch": "mlp", "base_ch": 32, "disc_base_ch": 32,
+    "disc_ch_mult": (1, 2, 2), "disc_mbstd": 0, "hidden": 128, "num_layers": 4,
+    "lr_g": 0.0005, "lr_d": 0.001, "beta1": 0.5, "beta2": 0.9, "lr_min_frac": 0.1,
+    "r1_gamma": 0.05, "lazy_reg": 1, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
+    "t_power": 1.0, "eval_samples": 1000, "train_steps": 4000, "batch_size": 256,
+    "ema_decay": 0.995, "grad_clip": 1.0}
+
+
+def test_presets_are_unchanged_and_config_defaults_are_the_image_preset(toy, digits):
+    assert dataclasses.asdict(ddgan.default_config(digits)) == _DIGITS_PRESET
+    assert ddgan.default_config(digits) == ddgan.Config(**_DIGITS_PRESET)
+    assert dataclasses.asdict(ddgan.default_config(toy)) == _GRID25_PRESET
+    assert ddgan.default_config(toy) == ddgan.Config(**_GRID25_PRESET)
+    # The dataclass defaults are the image preset but for D's minibatch-std feature (off unless
+    # asked for: the 2D MLP critic has none).
+    assert ddgan.default_config(digits) == dataclasses.replace(ddgan.Config(), disc_mbstd=4)
+
+
 def test_cli_takes_grad_clip_from_the_family_config(capsys):
     """The digits GAN trains unclipped (the loop's clip at 1 held D back); --set overrides it and
     the 2D toy keeps the loop's clip."""
