@@ -12,7 +12,7 @@ from fastsample.models import load_model, lsgm, make_config
 from fastsample.train import TrainConfig, train
 from fastsample.train.batches import batch_sampler
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")

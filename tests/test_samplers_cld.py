@@ -20,7 +20,7 @@ from fastsample.kernels import dispatch
 from fastsample.samplers import cld as S
 from fastsample.sde import CLD, CLDConfig
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
 
 
 class ExactScore:

@@ -9,7 +9,7 @@ import torch
 from fastsample.models import lsgm
 from fastsample.samplers import lsgm as S
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
 
 
 def _model(alpha_logit=-math.inf):
