@@ -145,7 +145,8 @@ def test_sample_engine_refuses_ddpm(tmp_path, capsys):
 
 
 def test_demo_table(tmp_path, capsys):
-    assert main(["demo", "--num", "40", "--out", str(tmp_path), "--no-latency"]) == 0
+    # 10 samples per family: the table and grids are what is checked, not the metrics' values.
+    assert main(["demo", "--num", "10", "--out", str(tmp_path), "--no-latency"]) == 0
     out = capsys.readouterr().out
     fast = {"ddgan": "posterior", "cld": "sscs", "lsgm": "ode", "ddpm": "ddim"}
     for fam, sampler in fast.items():
