@@ -20,7 +20,8 @@ from fastsample.kernels import dispatch
 from fastsample.samplers import cld as S
 from fastsample.sde import CLD, CLDConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
+# No one_thread here: no check compares across thread counts, and the Monte-Carlo runs (exact
+# scores on 2k-120k points) are ~1.4-1.5x faster on 2 threads than on 1 (2 idle cores).
 
 
 class ExactScore:
