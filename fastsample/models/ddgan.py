@@ -199,6 +199,7 @@ def _drop_removed(config: dict) -> dict:
     removed = set(_REMOVED_OFF) | set(_REMOVED_INERT)
     return {k: v for k, v in config.items() if k not in removed}
 
+
 class Model(nn.Module):
     """Sampling-ready DDGAN: `denoise(x_i, z, i)` is G; `schedule` the T-step DDGANSchedule."""
 
