@@ -7,7 +7,8 @@ distance between Gaussians fitted to the features) in a 64-dim feature space, no
 The classifier is trained by `python -m fastsample.metrics train-classifier` on the digits train
 split only; its weights and card ship in fastsample/assets/. `python -m fastsample.metrics
 calibrate` measures every digits metric on real test data and on two weak reference models
-(docs/metrics_calibration.md holds the table).
+(docs/metrics_calibration.md holds the table). `ddgan_z_usage` is a diagnostic of a DDGAN
+generator (its use of the latent z), not a sample-quality metric.
 
 Input rules for digits samples: shape (N,1,8,8), finite. Values are clamped to [0,1], the data
 range, as displaying the samples would; values further than DIGITS_RANGE_SLACK outside [0,1] are
@@ -436,6 +437,55 @@ def sliced_wasserstein(x, y, n_projections: int = 256, seed: int = 0) -> float:
         raise ValueError(f"n_projections must be a positive int, got {n_projections!r}")
     return float(ot.sliced_wasserstein_distance(x.numpy(), y.numpy(), n_projections=n_projections,
                                                 p=2, seed=seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics (not sample-quality metrics).
+
+@torch.no_grad()
+def ddgan_z_usage(model, x0: torch.Tensor, ref: torch.Tensor, draws: int = 16,
+                  seed: int = 0) -> list[dict]:
+    """Diagnostic for a DDGAN generator: how much of the denoising distribution's spread G
+    produces from its latent z, per step i (a DDGAN Model, or anything with its T, z_dim,
+    schedule and denoise(x_i, z, i)).
+
+    For each i: x_i ~ q(x_i | x_0) from the rows of `x0` (model space), then
+    - posterior_var: E ||x_0 - E[x_0 | x_i]||^2 under the empirical distribution of `ref`
+      (model space), by Bayes' rule over its rows: the spread a perfect p(x_0 | x_i) has;
+    - generator_var: E sum_pixels Var_z G(x_i, z, i), over `draws` latents per x_i;
+    - mean_err: E ||E_z G(x_i, z, i) - E[x_0 | x_i]||^2.
+    generator_var << posterior_var means G ignores z: the multimodal p(x_{i-1} | x_i) the
+    paper's argument rests on is then a point mass plus the posterior noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    R = ref.flatten(1).double()
+    rows = []
+    for i in range(1, model.T + 1):
+        ab = float(model.schedule.alpha_bar[i])
+        x_i = model.schedule.q_sample(x0, i, torch.randn(x0.shape, generator=g))
+        w = torch.softmax(_posterior_log_weights(x_i, torch.full((len(x0),), ab ** 0.5), R),
+                          dim=1)
+        mean = w @ R
+        pvar = (w * R.pow(2).sum(1)[None]).sum(1) - mean.pow(2).sum(1)
+        t = torch.full((len(x0),), float(i))
+        outs = torch.stack([model.denoise(x_i, torch.randn(len(x0), model.z_dim, generator=g), t)
+                            for _ in range(draws)]).flatten(2).double()
+        rows.append({"i": i, "alpha_bar": ab, "posterior_var": float(pvar.clamp(min=0).mean()),
+                     "generator_var": float(outs.var(0).sum(1).mean()),
+                     "mean_err": float((outs.mean(0) - mean).pow(2).sum(1).mean())})
+    return rows
+
+
+def _posterior_log_weights(x_i: torch.Tensor, sqrt_ab: torch.Tensor,
+                           centres: torch.Tensor) -> torch.Tensor:
+    """log p(row j | x_i) up to a per-row constant, for data = the rows `centres` (R, ...):
+    x_i = sqrt_ab c_j + noise of variance 1 - ab (Bayes' rule, exact).
+    x_i (M, ...), sqrt_ab (M,) -> (M, R) float64."""
+    s = sqrt_ab.double()
+    var = 1.0 - s ** 2
+    # ||x - s c|| = s ||x / s - c||: one (M, R) cdist, no (M, R, D) stack of scaled centres.
+    d = torch.cdist(x_i.flatten(1).double() / s[:, None], centres.flatten(1).double()) * s[:, None]
+    return -d.pow(2) / (2.0 * var[:, None])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ def test_format1_card_is_upgraded(family):
     config_of, shape_of = V1_LAYOUT[family]
     model, card = load_model(path)
     assert card.format_version == 2
-    assert card.config == config_of(old) and card.data_shape == list(shape_of(old))
+    filled = getattr(get(family).module, "FORMAT1_FIELD_DEFAULTS", {})
+    assert card.config == {**filled, **config_of(old)}
+    assert card.data_shape == list(shape_of(old))
     assert set(card.net_config) == {"ddgan": {"generator"}, "cld": {"net"}, "ddpm": {"net"},
                                     "lsgm": {"vae", "prior"}}[family]
     assert "config" not in card.sde_config
@@ -81,3 +83,14 @@ def test_format2_card_needs_config_and_shape():
             '{"family": "cld", "dataset": "digits", "net_config": {}, "sde_config": {}, '
             '"train_steps": 1, "seed": 0, "wall_time_s": 0, "package_version": "0", '
             '"git_commit": "x", "format_version": 2}')
+
+
+def test_format1_fields_added_later_get_their_values_of_the_time():
+    """The grid25 DDGAN card predates Config.grad_clip: it trained with the loop's clip of 1.0
+    (today's default is 0.0, the digits recipe's), and its upgraded card says so."""
+    old = ck.read_card(released_checkpoint("ddgan", "grid25"))
+    assert "grad_clip" not in old.net_config["config"]
+    _, card = load_model(released_checkpoint("ddgan", "grid25"))
+    assert card.config["grad_clip"] == 1.0
+    _, card = load_model(released_checkpoint("ddgan", "digits"))
+    assert card.config["grad_clip"] == 0.0      # written explicitly in that card

@@ -17,7 +17,7 @@ from fastsample.sde import CLD, CLDConfig
 from fastsample.train import TrainConfig, train
 from fastsample.train.batches import batch_sampler
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
 
 
 #-----------------------------------------------------------------------------------------------

@@ -167,7 +167,8 @@ def test_sample_without_sampler_uses_the_family_default(tmp_path, capsys):
 
 
 def test_demo_table(tmp_path, capsys):
-    assert main(["demo", "--num", "40", "--out", str(tmp_path), "--no-latency"]) == 0
+    # 10 samples per family: the table and grids are what is checked, not the metrics' values.
+    assert main(["demo", "--num", "10", "--out", str(tmp_path), "--no-latency"]) == 0
     out = capsys.readouterr().out
     fast = {"ddgan": "posterior", "cld": "sscs", "lsgm": "ode", "ddpm": "ddim"}
     for fam, sampler in fast.items():

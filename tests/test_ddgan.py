@@ -72,14 +72,38 @@ def test_config_defaults_and_validation(toy, digits):
         ddgan.Family(toy, ddgan.Config(arch="unet"))
     with pytest.raises(ValueError, match=r"Config.grad_clip = -1.0; must be >= 0"):
         ddgan.Config(grad_clip=-1.0)
-    with pytest.raises(ValueError, match=r"Config.ds_weight = -1.0; must be >= 0"):
-        ddgan.Config(ds_weight=-1.0)
-    with pytest.raises(ValueError, match=r"Config.ds_cap = 0.0; must be > 0"):
-        ddgan.Config(ds_cap=0.0)
     with pytest.raises(ValueError, match=r"ddgan Config: DDGANSchedule.t_power"):
         ddgan.Config(t_power=0.0)
     warped = make_config("ddgan", toy, {"t_power": "2"})
     assert warped.t_power == 2.0 and ddgan.schedule_of(warped).t_power == 2.0
+
+
+# The presets as they were before Config's defaults became the released image preset (and before
+# cond_group / ds_weight / ds_cap were removed): every field, so any drift shows.
+_DIGITS_PRESET = {
+    "T": 4, "z_dim": 32, "arch": "unet", "base_ch": 32, "disc_base_ch": 32,
+    "disc_ch_mult": (1, 2, 2), "disc_mbstd": 4, "hidden": 128, "num_layers": 4,
+    "lr_g": 0.00016, "lr_d": 0.000125, "beta1": 0.5, "beta2": 0.9, "lr_min_frac": 0.1,
+    "r1_gamma": 0.02, "lazy_reg": 15, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
+    "t_power": 1.0, "eval_samples": 1000, "train_steps": 8000, "batch_size": 64,
+    "ema_decay": 0.999, "grad_clip": 0.0}
+_GRID25_PRESET = {
+    "T": 4, "z_dim": 8, "arch": "mlp", "base_ch": 32, "disc_base_ch": 32,
+    "disc_ch_mult": (1, 2, 2), "disc_mbstd": 0, "hidden": 128, "num_layers": 4,
+    "lr_g": 0.0005, "lr_d": 0.001, "beta1": 0.5, "beta2": 0.9, "lr_min_frac": 0.1,
+    "r1_gamma": 0.05, "lazy_reg": 1, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
+    "t_power": 1.0, "eval_samples": 1000, "train_steps": 4000, "batch_size": 256,
+    "ema_decay": 0.995, "grad_clip": 1.0}
+
+
+def test_presets_are_unchanged_and_config_defaults_are_the_image_preset(toy, digits):
+    assert dataclasses.asdict(ddgan.default_config(digits)) == _DIGITS_PRESET
+    assert ddgan.default_config(digits) == ddgan.Config(**_DIGITS_PRESET)
+    assert dataclasses.asdict(ddgan.default_config(toy)) == _GRID25_PRESET
+    assert ddgan.default_config(toy) == ddgan.Config(**_GRID25_PRESET)
+    # The dataclass defaults are the image preset but for D's minibatch-std feature (off unless
+    # asked for: the 2D MLP critic has none).
+    assert ddgan.default_config(digits) == dataclasses.replace(ddgan.Config(), disc_mbstd=4)
 
 
 def test_cli_takes_grad_clip_from_the_family_config(capsys):
@@ -223,6 +247,49 @@ def test_from_checkpoint_bad_card():
         ddgan.Model.from_checkpoint({}, {"net_config": {"kind": "points"}, "dataset": "toy2d:grid25"})
 
 
+def _card_with(**extra) -> tuple[dict, dict]:
+    """A tiny points model's state dict and a card whose config carries `extra` keys."""
+    cfg = ddgan.Config(arch="mlp", z_dim=4, hidden=16, num_layers=2)
+    model = ddgan.Model(cfg, "toy2d:grid25", "points", (2,))
+    conf = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    card = {"dataset": "toy2d:grid25",
+            "net_config": {"config": {**conf, **extra}, "kind": "points", "data_shape": [2]}}
+    return model.generator.state_dict(), card
+
+
+def test_from_checkpoint_drops_removed_fields_at_their_off_values():
+    """Cards written while Config had cond_group / ds_weight / ds_cap (training-only, removed)
+    still load when those hold the off value (ds_cap is inert then, whatever its value)."""
+    sd, plain = _card_with()
+    ref = ddgan.Model.from_checkpoint(sd, plain)
+    for extra in ({"cond_group": 0, "ds_weight": 0.0, "ds_cap": 0.5},
+                  {"cond_group": 0, "ds_weight": 0, "ds_cap": 0.25}, {"ds_cap": 3.0}):
+        _, card = _card_with(**extra)
+        model = ddgan.Model.from_checkpoint(sd, card)
+        assert model.cfg == ref.cfg
+        for k, v in model.generator.state_dict().items():
+            assert torch.equal(v, sd[k])
+
+
+@pytest.mark.parametrize("key,value", [("cond_group", 4), ("ds_weight", 0.1)])
+def test_from_checkpoint_refuses_removed_features_that_were_on(key, value):
+    sd, card = _card_with(**{key: value, "ds_cap": 0.25})
+    with pytest.raises(ValueError, match=rf"config\.{key} = {value}: this checkpoint was "
+                                         rf"trained with {key}, a feature removed"):
+        ddgan.Model.from_checkpoint(sd, card)
+
+
+def test_released_cards_load():
+    """The released ddgan cards (checkpoints/*/ddgan.json) load with this Config."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "checkpoints"
+    paths = sorted(root.glob("*/ddgan.safetensors"))
+    assert paths
+    for p in paths:
+        model, card = load_model(p)
+        assert model.cfg.T == card.sde_config["T"]
+
+
 def _d_steps_seen(small, tmp_path, mbstd: int) -> list[torch.Tensor]:
     """The step index t of every D call over 3 training steps (a recording wrapper around D)."""
     cfg = make_config("ddgan", small, {"base_ch": "16", "disc_base_ch": "16",
@@ -276,162 +343,3 @@ def test_cosine_lr_spans_the_runs_steps(small_digits, tmp_path):
     for name, lr in (("gen", cfg.lr_g), ("disc", cfg.lr_d)):
         got = state["optimizers"][name]["param_groups"][0]["lr"]
         assert got == pytest.approx(lr * scale, rel=1e-9)
-
-
-def _z_spread(G, x_i: torch.Tensor, i: int, z_dim: int) -> float:
-    """Mean |x_0'(z1) - x_0'(z2)| per pixel over a batch of fixed x_i."""
-    g = torch.Generator().manual_seed(7)
-    t = torch.full((len(x_i),), float(i))
-    with torch.no_grad():
-        a = G(x_i, t, torch.randn(len(x_i), z_dim, generator=g))
-        b = G(x_i, t, torch.randn(len(x_i), z_dim, generator=g))
-    return float((a - b).abs().mean())
-
-
-def test_diversity_term_makes_the_generator_use_z(small_digits, tmp_path):
-    """ds_weight > 0 lifts x_0''s dependence on z (the failure it exists for: a conditional G
-    that ignores its latent); the same run without it stays near z-blind. The logged ratio is
-    the term's own measure."""
-    from fastsample import checkpoint as ck
-    spreads = {}
-    for w in (0.0, 5.0):
-        # A high G lr so that 15 steps show the effect (z enters through a 3-layer mapping).
-        cfg = dataclasses.replace(ddgan.default_config(small_digits), ds_weight=w, lr_g=2e-3)
-        out = tmp_path / f"w{w}"
-        log = _train(small_digits, out, 15, cfg=cfg, ema=0.0)
-        assert ("ds_ratio" in log[-1]) == (w > 0)
-        if w > 0:   # 0 at step 1 exactly: the U-Net's output conv starts at zero
-            ratios = [r["ds_ratio"] for r in log if "ds_ratio" in r]
-            assert all(math.isfinite(r) and r >= 0 for r in ratios) and ratios[-1] > 0
-        state = ck.load_training_state(ck.training_state_path(out / "ddgan.safetensors"))
-        G = ddgan.build_generator(ddgan.generator_config(cfg, (1, 8, 8)))
-        G.load_state_dict(state["modules"]["generator"])
-        x_i = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-        spreads[w] = _z_spread(G, x_i, 1, cfg.z_dim)
-    assert spreads[5.0] > 3 * spreads[0.0], spreads
-
-
-class _ZModel:
-    """A stand-in Model for z_usage: G = scale * z broadcast over pixels (or 0)."""
-
-    def __init__(self, scale: float, T: int = 4):
-        self.T, self.z_dim = T, 3
-        self.schedule = ddgan.schedule_of(ddgan.Config(T=T))
-        self.scale = scale
-
-    def denoise(self, x_i, z, i):
-        return self.scale * z[:, :1, None, None].expand_as(x_i)
-
-
-def test_z_usage_matches_closed_forms():
-    """Oracles: one reference point has posterior variance 0; two points a, b at the pure-noise
-    step (alpha_bar ~ 4e-5) have weights ~1/2 each, so Var = ||a - b||^2 / 4; a G that ignores
-    z has generator_var 0 and one that outputs s * z_1 on every pixel has 64 s^2."""
-    a, b = -torch.ones(1, 1, 8, 8), torch.ones(1, 1, 8, 8)
-    x0 = a.expand(200, 1, 8, 8).clone()
-    one = ddgan.z_usage(_ZModel(0.0), x0, a, draws=4)
-    assert [r["i"] for r in one] == [1, 2, 3, 4]
-    assert all(r["posterior_var"] < 1e-9 and r["generator_var"] == 0.0 for r in one)
-    # G = 0 and E[x0|x_i] = a exactly: the mean error is ||a||^2 = 64.
-    assert all(abs(r["mean_err"] - 64.0) < 1e-6 for r in one)
-    two = ddgan.z_usage(_ZModel(0.5), x0, torch.cat([a, b]), draws=400)
-    assert two[-1]["posterior_var"] == pytest.approx((b - a).pow(2).sum().item() / 4, rel=0.02)
-    assert two[0]["posterior_var"] < 1e-3          # i = 1: the two points are told apart
-    assert all(r["generator_var"] == pytest.approx(64 * 0.25, rel=0.15) for r in two)
-
-
-# ---------------------------------------------------------------------------------------------
-# Conditional groups (cond_group): reals from the training set's exact p(x_{i-1} | x_i).
-
-class _Ctx:
-    """The draws a Family step takes from the loop's StepContext, from one generator."""
-
-    def __init__(self, seed: int):
-        self.g = torch.Generator().manual_seed(seed)
-
-    def randn(self, *shape):
-        return torch.randn(shape, generator=self.g)
-
-    def rand(self, *shape):
-        return torch.rand(shape, generator=self.g)
-
-    def randint(self, high, *shape):
-        return torch.randint(high, shape, generator=self.g)
-
-
-def test_posterior_log_weights_are_bayes_rule():
-    g = torch.Generator().manual_seed(0)
-    centres, x_i = torch.randn(3, 1, 2, 2, generator=g), torch.randn(4, 1, 2, 2, generator=g)
-    sqrt_ab = torch.tensor([0.99, 0.7, 0.3, 0.05])
-    for var_u in (0.0, 0.02):
-        w = torch.softmax(ddgan.posterior_log_weights(x_i, sqrt_ab, centres, var_u), dim=1)
-        sab, c, x = sqrt_ab.double(), centres.flatten(1).double(), x_i.flatten(1).double()
-        var = 1 - sab ** 2 + sab ** 2 * var_u
-        ref = torch.stack([torch.distributions.Normal(sab[m] * c, var[m].sqrt()).log_prob(x[m])
-                           .sum(1) for m in range(4)])
-        torch.testing.assert_close(w, torch.softmax(ref, dim=1))
-
-
-def test_sample_rows_follows_the_weights():
-    p = torch.tensor([[0.2, 0.5, 0.3], [0.0, 1.0, 0.0]])
-    logw = p.log()
-    # Inverse CDF at chosen points (the bin edges of row 0 are 0.2 and 0.7).
-    u = torch.tensor([[0.0, 0.19, 0.21, 0.71], [0.0, 0.3, 0.6, 0.999999]])
-    assert ddgan.sample_rows(logw, u).tolist() == [[0, 0, 1, 2], [1, 1, 1, 1]]
-    idx = ddgan.sample_rows(logw, torch.rand(2, 40000, generator=torch.Generator().manual_seed(1)))
-    freq = torch.stack([torch.bincount(r, minlength=3) for r in idx]).double() / 40000
-    torch.testing.assert_close(freq, p.double(), atol=0.01, rtol=0)
-
-
-def test_grouped_real_rows_are_draws_of_the_real_pair():
-    """Every row of a group is a draw of the usual real pair: the extra rows' x_{i-1} has the
-    anchors' distribution at each step, a group shares x_i and i, and at i = 1 (no posterior
-    noise) every extra x_0 is a dequantised training row. Two training images (all 0 and all
-    8/16) make p(x_0 | x_i) a point mass at i = 1 and a real mixture at i = 2, 3."""
-    two = Dataset(name="digits", kind="image",
-                  x=torch.stack([torch.zeros(1, 8, 8), torch.full((1, 8, 8), 0.5)]),
-                  labels=torch.tensor([0, 1]), split="train")
-    cfg = dataclasses.replace(ddgan.default_config(two), cond_group=4)
-    fam, ctx = ddgan.Family(two, cfg), _Ctx(0)
-    N = 4 * 4000
-    x0 = ddgan.to_model(dequantize_digits(two.x[torch.randint(2, (N,), generator=ctx.g)],
-                                          ctx.g), "image")
-    x_prev, x_i, i = fam._grouped_real(ctx, x0)
-    assert x_prev.shape == x_i.shape == (N, 1, 8, 8) and i.shape == (N,)
-    assert torch.equal(i, i.sort().values)
-    assert torch.equal(x_i.view(-1, 4, 64), x_i.view(-1, 4, 64)[:, :1].expand(-1, 4, -1))
-    assert torch.equal(i.view(-1, 4), i.view(-1, 4)[:, :1].expand(-1, 4))
-    s = x_prev.flatten(1).mean(1).view(-1, 4)       # per-row mean pixel, (groups, K)
-    ig = i.view(-1, 4)[:, 0]
-    for step in range(1, 5):
-        a, e = s[ig == step, 0], s[ig == step, 1:].flatten()
-        se = (a.var() / len(a) + e.var() / len(e)).sqrt()
-        assert abs(float(a.mean() - e.mean())) < 5 * float(se), step
-        assert float(e.var() / a.var()) == pytest.approx(1.0, abs=0.12), step
-    ones = x_prev.view(-1, 4, 64)[ig == 1, 1:]      # model space: -1 + 2 y, y in one bin
-    y = (ones + 1) / 2
-    level = torch.floor(y * 17)
-    assert torch.all((level == 0) | (level == 8))
-    assert torch.all(level == level[..., :1])       # one training row per sample
-    # Control: at i = 3 the posterior is a mixture, so a group holds both images' draws.
-    mix = s[ig == 3, 1:]
-    assert float(mix.std(1).mean()) > 0.05
-
-
-def test_cond_group_config_and_training_smoke(small_digits, tmp_path):
-    with pytest.raises(ValueError, match=r"cond_group = 1; must be 0 \(off\) or an int >= 2"):
-        ddgan.Config(cond_group=1)
-    with pytest.raises(ValueError, match="disc_mbstd = 4"):
-        ddgan.Config(cond_group=4, disc_mbstd=0)
-    with pytest.raises(ValueError, match="not a multiple of cond_group"):
-        ddgan.Config(cond_group=4, disc_mbstd=4, batch_size=62)
-    with pytest.raises(ValueError, match="arch 'unet'"):
-        ddgan.Config(cond_group=2, disc_mbstd=2, arch="mlp")
-    cfg = make_config("ddgan", small_digits, {"cond_group": "4", "base_ch": "16",
-                                              "disc_base_ch": "16"})
-    log = _train(small_digits, tmp_path / "ok", steps=2, cfg=cfg, batch=8)
-    assert all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in log)
-    _, card = load_model(tmp_path / "ok" / "ddgan.safetensors")
-    assert card.net_config["config"]["cond_group"] == 4
-    with pytest.raises(ValueError, match=r"batch on this process \(6\) is not a multiple"):
-        _train(small_digits, tmp_path / "bad", steps=1, cfg=cfg, batch=6)

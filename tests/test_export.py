@@ -256,9 +256,11 @@ def test_manifest_is_complete_and_true(artifacts, name):
 
 
 def test_reexport_replaces_an_earlier_artifact(artifacts, tmp_path):
-    """Exporting onto an earlier export replaces it whole (temp dir + rename)."""
+    """Exporting onto an earlier export replaces it whole (temp dir + rename). The earlier
+    export is a copy of the module's lsgm-decoder artifact (one export fewer)."""
+    import shutil
     out = tmp_path / "a"
-    _export(out, f"{DIGITS}/lsgm.safetensors", "decoder", "onnx")
+    shutil.copytree(artifacts("lsgm-decoder"), out)
     first = _manifest(out)["created"]
     # (A file the user added would make the directory no longer provably an artifact: that
     # refusal is tested in test_reliability_export.py.)

@@ -12,7 +12,7 @@ from fastsample.models import load_model, lsgm, make_config
 from fastsample.train import TrainConfig, train
 from fastsample.train.batches import batch_sampler
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -236,9 +236,11 @@ def test_prior_loss_moves_no_vae_parameter_and_vae_loss_trains_encoder(tmp_path,
 
 
 def test_nelbo_decreases_in_short_training(tmp_path, digits):
-    # Stage 1 (60 steps) then stage 2 (60 steps) on the digits: the test-split NELBO of the
+    # Stage 1 (30 steps) then stage 2 (30 steps) on the digits: the test-split NELBO of the
     # trained weights is well below that of the fresh model (uniform decoder: 64 log 17 nats).
-    cfg = tiny_cfg(vae_base_ch=16, prior_base_ch=16, vae_steps=60, train_steps=120, batch_size=32,
+    # Measured after / before: 0.62 at 30 + 30 steps, 0.59 at 60 + 60 (most of the drop comes
+    # first), against the 0.8 bar.
+    cfg = tiny_cfg(vae_base_ch=16, prior_base_ch=16, vae_steps=30, train_steps=60, batch_size=32,
                    lr_vae=2e-3)
     fam = lsgm.Family(digits, cfg)
     torch.manual_seed(0)

@@ -275,3 +275,48 @@ def test_cli_help(capsys):
             M.main(argv)
         assert e.value.code == 0
     assert "--seeds" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# ddgan_z_usage (a diagnostic of a DDGAN generator; moved here from fastsample.models.ddgan).
+
+class _ZModel:
+    """A stand-in DDGAN Model for ddgan_z_usage: G = scale * z broadcast over pixels (or 0)."""
+
+    def __init__(self, scale: float, T: int = 4):
+        from fastsample.models import ddgan
+        self.T, self.z_dim = T, 3
+        self.schedule = ddgan.schedule_of(ddgan.Config(T=T))
+        self.scale = scale
+
+    def denoise(self, x_i, z, i):
+        return self.scale * z[:, :1, None, None].expand_as(x_i)
+
+
+def test_ddgan_z_usage_matches_closed_forms():
+    """Oracles: one reference point has posterior variance 0; two points a, b at the pure-noise
+    step (alpha_bar ~ 4e-5) have weights ~1/2 each, so Var = ||a - b||^2 / 4; a G that ignores
+    z has generator_var 0 and one that outputs s * z_1 on every pixel has 64 s^2."""
+    a, b = -torch.ones(1, 1, 8, 8), torch.ones(1, 1, 8, 8)
+    x0 = a.expand(200, 1, 8, 8).clone()
+    one = M.ddgan_z_usage(_ZModel(0.0), x0, a, draws=4)
+    assert [r["i"] for r in one] == [1, 2, 3, 4]
+    assert all(r["posterior_var"] < 1e-9 and r["generator_var"] == 0.0 for r in one)
+    # G = 0 and E[x0|x_i] = a exactly: the mean error is ||a||^2 = 64.
+    assert all(abs(r["mean_err"] - 64.0) < 1e-6 for r in one)
+    two = M.ddgan_z_usage(_ZModel(0.5), x0, torch.cat([a, b]), draws=400)
+    assert two[-1]["posterior_var"] == pytest.approx((b - a).pow(2).sum().item() / 4, rel=0.02)
+    assert two[0]["posterior_var"] < 1e-3          # i = 1: the two points are told apart
+    assert all(r["generator_var"] == pytest.approx(64 * 0.25, rel=0.15) for r in two)
+
+
+def test_posterior_log_weights_are_bayes_rule():
+    g = torch.Generator().manual_seed(0)
+    centres, x_i = torch.randn(3, 1, 2, 2, generator=g), torch.randn(4, 1, 2, 2, generator=g)
+    sqrt_ab = torch.tensor([0.99, 0.7, 0.3, 0.05])
+    w = torch.softmax(M._posterior_log_weights(x_i, sqrt_ab, centres), dim=1)
+    sab, c, x = sqrt_ab.double(), centres.flatten(1).double(), x_i.flatten(1).double()
+    sd = (1 - sab ** 2).sqrt()
+    ref = torch.stack([torch.distributions.Normal(sab[m] * c, sd[m]).log_prob(x[m]).sum(1)
+                       for m in range(4)])
+    torch.testing.assert_close(w, torch.softmax(ref, dim=1))

@@ -15,7 +15,7 @@ from fastsample.nets import (UNET_PRESETS, VAE_PRESETS, Decoder, Discriminator, 
 from fastsample.nets.layers import GaussianFourierFeatures, SinusoidalFeatures
 from fastsample.nets.vae import to_levels
 
-torch.set_num_threads(1)  # 2 shared cores: keep this file from starving the others
+pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
 
 
 def perturb(net, seed=0, std=0.05):

@@ -76,7 +76,7 @@ def test_philox_noise_source(models):
     """In-run initial noise (what a CUDA graph replays): deterministic per seed, standard normal,
     and x_T, v_T, the step noise drawn at disjoint counters (no repeated numbers)."""
     m = models["cld"]
-    e = Engine(m, "sscs", 4, batch=256, noise="philox")
+    e = Engine(m, "sscs", 4, batch=64, noise="philox")   # n = 4096 per draw; bounds scale with n
     a, a2, b = e.sample(11), e.sample(11), e.sample(12)
     assert torch.equal(a, a2) and not torch.equal(a, b)
     x_T, v_T = e.prior[0].flatten(), e.prior[1].flatten() / m.cld.M ** 0.5

@@ -20,7 +20,8 @@ from fastsample.kernels import dispatch
 from fastsample.samplers import cld as S
 from fastsample.sde import CLD, CLDConfig
 
-torch.set_num_threads(1)
+# No one_thread here: no check compares across thread counts, and the Monte-Carlo runs (exact
+# scores on 2k-120k points) are ~1.4-1.5x faster on 2 threads than on 1 (2 idle cores).
 
 
 class ExactScore:
@@ -35,6 +36,10 @@ class ExactScore:
     def alpha(self, x, v, t):
         self.calls += 1
         t64 = t.double()
+        if t64.numel() > 1 and bool((t64 == t64[0]).all()):
+            # One time for the whole batch (every fixed-step sampler): the covariances are
+            # computed once and broadcast, bit-identical to the per-sample ones, ~1/3 cheaper.
+            t64 = t64[:1]
         s = self.mix.cld_score_v(x.double(), v.double(), t64, self.cld)
         if self.mixed_score:
             s = s + v.double() / self.cld.sigma_ref_vv(t64)[:, None]
@@ -95,11 +100,18 @@ TABLE = {
 N_GAUSS = 20000
 
 
+_VAR_RATIOS = {}   # the runs are deterministic: the table's runs serve the comparisons below
+
+
 def var_ratio(s2, name, kind, nfe, seed=0, **opts):
-    model = ExactScore(gaussian(s2), CLD_DEFAULT)
-    x, got_nfe = S.sample(model, name, nfe, N_GAUSS, seed=seed, device="cpu", schedule=kind, **opts)
-    assert got_nfe == nfe
-    return float(x.double().var(0).mean()) / s2
+    key = (s2, name, kind, nfe, seed, tuple(sorted(opts.items())))
+    if key not in _VAR_RATIOS:
+        model = ExactScore(gaussian(s2), CLD_DEFAULT)
+        x, got_nfe = S.sample(model, name, nfe, N_GAUSS, seed=seed, device="cpu", schedule=kind,
+                              **opts)
+        assert got_nfe == nfe
+        _VAR_RATIOS[key] = float(x.double().var(0).mean()) / s2
+    return _VAR_RATIOS[key]
 
 
 @pytest.mark.parametrize("key", list(TABLE))

@@ -409,8 +409,23 @@ def _alpha_matrix(cld, t, s2):
     return np.array([-c_x / ell, -(c_v + 1 / ref) / ell])  # s = -v/ref - ell alpha
 
 
+_PLANS = {}   # (id(cld), what, nfe, kind) -> (cld, plan): the plans do not depend on s2
+
+
+def _plan(cld, what, nfe, kind):
+    key = (id(cld), what, nfe, kind)
+    if key not in _PLANS:
+        if what == "sscs":
+            plan = cld.sscs_plan(nfe - 1, kind)
+        else:
+            tau = cld.time_grid(nfe - 1, kind).tolist()
+            plan = [cld.em_step_coeffs(tau[k], tau[k + 1] - tau[k]) for k in range(nfe - 1)]
+        _PLANS[key] = (cld, plan)
+    return _PLANS[key][1]
+
+
 def _propagate_sscs(cld, nfe, kind, s2):
-    plan = cld.sscs_plan(nfe - 1, kind)
+    plan = _plan(cld, "sscs", nfe, kind)
     P = np.diag([1.0, cld.M])
 
     def lin(P, st):
@@ -429,10 +444,8 @@ def _denoise_var(cld, d, P, s2):
 
 
 def _propagate_em(cld, nfe, kind, s2):
-    tau = cld.time_grid(nfe - 1, kind).tolist()
     P = np.diag([1.0, cld.M])
-    for k in range(nfe - 1):
-        st = cld.em_step_coeffs(tau[k], tau[k + 1] - tau[k])
+    for st in _plan(cld, "em", nfe, kind):
         E = np.array([[st.a_xx, st.a_xv], [st.a_vx, st.a_vv]])
         E = E + np.outer([st.a_xalpha, st.a_valpha], _alpha_matrix(cld, st.t, s2))
         P = E @ P @ E.T + np.diag([0.0, st.g ** 2])

@@ -21,8 +21,6 @@ from torch import nn
 
 from fastsample.nets import (Discriminator, DiscriminatorConfig, MLPConfig, TimeMLP, UNet,
                              UNetConfig)
-from fastsample.data import dequantize_digits
-from fastsample.data.images import DIGITS_LEVELS
 from fastsample.sde import ddgan_schedule
 from fastsample.models.registry import ExportPart, IOTensor, card_dict
 from fastsample.samplers import plan as plans
@@ -44,7 +42,6 @@ class Config:
     disc_base_ch: int = 32          # image discriminator channels at the first level
     disc_ch_mult: tuple = (1, 2, 2) # image discriminator channel multipliers (8 -> 4 -> 2)
     disc_mbstd: int = 0             # image D: minibatch-std group size (0 = off)
-    cond_group: int = 0             # image D: groups of this many pairs share x_i (0 = off; = disc_mbstd)
     hidden: int = 128               # MLP width (G and D, 2D only)
     num_layers: int = 4             # MLP hidden layers (G and D, 2D only)
     lr_g: float = 1.6e-4            # generator Adam lr (sec. 3)
@@ -53,18 +50,16 @@ class Config:
     beta2: float = 0.9              # Adam beta2 (sec. 3)
     lr_min_frac: float = 0.1        # cosine decay ends at lr * lr_min_frac; 1 = constant lr
     r1_gamma: float = 0.02          # R1 weight: gamma/2 E||grad_x D(x_real)||^2 (sec. 3)
-    ds_weight: float = 0.0          # diversity term on G: -ds_weight E min(|dx0'|/|dz|, ds_cap); 0 = off
-    ds_cap: float = 0.5             # its cap on the per-element mean-abs ratio (pushes a z-blind G only)
     lazy_reg: int = 15              # R1 every lazy_reg steps, scaled by lazy_reg; 1 = every step
     eps: float = 1e-3               # schedule: forward time of x_0 (sec. 1)
     beta_min: float = 0.1           # schedule: VP beta(0)
     beta_max: float = 20.0          # schedule: VP beta(1)
     t_power: float = 1.0            # schedule: t_i = eps + (1 - eps) (i / T)^t_power
     eval_samples: int = 1000        # samples drawn by Family.evaluate
-    train_steps: int = 4000         # default optimiser steps (the CLI reads it)
+    train_steps: int = 8000         # default optimiser steps (the CLI reads it)
     batch_size: int = 64            # default global batch (the CLI reads it)
     ema_decay: float = 0.999        # EMA of G weights (the CLI reads it)
-    grad_clip: float = 1.0          # max grad norm per optimiser group (the CLI reads it); 0 = off
+    grad_clip: float = 0.0          # max grad norm per optimiser group (the CLI reads it); 0 = off
 
     def __post_init__(self):
         object.__setattr__(self, "disc_ch_mult", tuple(self.disc_ch_mult))
@@ -86,27 +81,10 @@ class Config:
         if isinstance(self.disc_mbstd, bool) or not isinstance(self.disc_mbstd, int) \
                 or self.disc_mbstd < 0:
             raise ValueError(f"ddgan Config.disc_mbstd = {self.disc_mbstd!r}; must be an int >= 0")
-        if isinstance(self.cond_group, bool) or not isinstance(self.cond_group, int) \
-                or self.cond_group < 0 or self.cond_group == 1:
-            raise ValueError(f"ddgan Config.cond_group = {self.cond_group!r}; must be 0 (off) or "
-                             f"an int >= 2")
-        if self.cond_group:
-            # The group is only visible to D through its minibatch-std feature.
-            if self.arch != "unet" or self.disc_mbstd != self.cond_group:
-                raise ValueError(f"ddgan Config.cond_group = {self.cond_group} needs the image D "
-                                 f"(arch 'unet') with disc_mbstd = {self.cond_group}; got arch "
-                                 f"{self.arch!r}, disc_mbstd {self.disc_mbstd}")
-            if self.batch_size % self.cond_group:
-                raise ValueError(f"ddgan Config.batch_size = {self.batch_size} is not a multiple "
-                                 f"of cond_group = {self.cond_group}")
         if not self.grad_clip >= 0:
             raise ValueError(f"ddgan Config.grad_clip = {self.grad_clip!r}; must be >= 0 (0 = off)")
         if not self.r1_gamma >= 0:
             raise ValueError(f"ddgan Config.r1_gamma = {self.r1_gamma!r}; must be >= 0")
-        if not self.ds_weight >= 0:
-            raise ValueError(f"ddgan Config.ds_weight = {self.ds_weight!r}; must be >= 0 (0 = off)")
-        if not self.ds_cap > 0:
-            raise ValueError(f"ddgan Config.ds_cap = {self.ds_cap!r}; must be > 0")
         try:  # eps, beta_min/max, t_power: the schedule's own checks, at config time
             schedule_of(self)
         except ValueError as e:
@@ -114,60 +92,17 @@ class Config:
 
 
 def default_config(data) -> Config:
-    """Digits / images: U-Net G, conv D with a minibatch-std feature (groups of 4), ddgan.md's
-    lrs and Adam betas, no gradient clipping, batch 64, 8000 steps (13.3 min on one thread of
-    the previous 2-core CPU; a later, slower one ran ~5.5 it/s alone). Measured on digits (n =
-    2000, seed 0): the old recipe (loop's clip at 1, no mbstd, 6000 steps) FD 63; no clip 45;
-    + mbstd 42 (6000 steps); + 8000 steps 24; + the batch ordered by i so mbstd groups share a
-    noise level 17.7. Without mbstd the raw G hops between classes (class KL to uniform
-    0.1-0.2); at the noisy steps i = 3, 4, where the class is chosen, a per-pair D can barely
-    see the class mix, a batch statistic can.
-
-    Read those one-draw numbers with care: the FD of one 2000-sample draw of this model has a
-    std of ~2.5 across seeds (the released G: 12.7-19.8 over seeds 0-9, mean 16.1; a 4000-step
-    run: 21.5-36.5), so only multi-seed means separate settings. Tried with single draws and
-    not kept: R1 gamma 0.1 / 0.005, lr_min_frac 0.02, p(i) ~ T+1-i, disc_base_ch 64, 12000
-    steps, disc_mbstd 8, EMA 0.9995 / 0.998. Tried later (means over 6 seeds unless said):
-    the diversity term ds_weight 0.1 / ds_cap 0.25 at 8000 steps FD 17.2 / C2ST 0.548 over
-    10 seeds vs 16.1 / 0.524 (not kept; at 4000 steps it did help: 22.2 vs 32.2); ds_weight 1
-    / cap 0.5 over-spreads the noisy steps (Var_z 3x the posterior's) and ends at FD 46 (4000
-    steps); beta_max 12 (even log-SNR gaps) FD 36 vs 21 at 4000 steps (2 draws vs 1); D without
-    GroupNorm (leaky ReLU, paper-like), a D with base 16 channels: D collapses to a constant
-    logit within ~300 steps (R1 -> 1e-5), G drifts; a D that also sees x_0 / x_0': D wins,
-    FD > 1000 at 3000 steps; 2x both lrs FD 30.2 vs 32.2 at 4000 steps (within noise), 3x
-    both lrs 76.5 (6 seeds each): the lrs are not what holds a short run back. Longer runs
-    plateau: 12000 steps FD 16.7 (6 seeds) vs 16.1 at 8000; batch 32 x 16000 steps (the same
-    samples as 64 x 8000) 30.8: the batch size matters more than the step count; but batch
-    128 x 4000 steps (the release's compute) reads 25.5, and 128 x 8000 steps (twice it)
-    23.0 over 10 seeds (C2ST 0.557): worse than 64 x 8000 at either compute. But the
-    training seed alone moves it as much: these defaults with --seed 1 read FD 22.6 (6
-    seeds, C2ST 0.580) against seed 0's 16.1, so one training run per setting cannot rank
-    settings either. The time grid: t_power 2 (alpha_bar_i 0.955 / 0.52 / 0.040 / 4e-5 instead
-    of 0.52 / 0.079 / 0.0034 / 4e-5) reads FD 16.4 (training seed 0) and 20.2 (seed 1), t_power
-    1.5 18.4, t_power 2 with 2x lr_d 16.5: no better on FD. metrics.class_mix_split shows why
-    FD is so noisy: resampled to the train split's class shares, the same samples read 11-14,
-    and most of the spread between sampler and training seeds is the class mix (KL to the train
-    shares 0.003-0.016, against DDPM DDIM-50's 0.001-0.006); the released G makes too few 8s
-    (7.3% vs the train split's 9.7%) and too many 5s (11.7% vs 10.1%), and it does so in
-    its last step: from real x_1 (alpha_bar 0.52) that step alone gives 7.1-7.8% 8s. On that
-    class-balanced FD t_power 2 is the better grid on both training seeds (11.7 / 11.9 vs 12.7 / 15.3 over sampler seeds 0-5; DDIM-50: 6.6), but
-    it is not the default: its plain FD, the bar's metric, is no better. A 4x wider D
-    (disc_base_ch 64, 1.3 M parameters, ~1.5x the step time): FD 14.7 (seed 0, balanced 13.6)
-    and 39.1 (seed 1, its class mix off: KL 0.030), not kept. cond_group 4 (D's minibatch-std
-    groups share one x_i and hold extra reals from the training set's exact p(x_{i-1} | x_i))
-    does what it is for: G's z-spread goes from 0.5% of the posterior's variance (release) to
-    89-95% at i = 1 (z_usage), but FD gets worse: 20.8 / 28.3 on training seeds 0 / 1 (balanced
-    13.1 / 16.6, class KL 0.012 / 0.017; sampler seeds 0-5), not kept. A G that samples the
-    true conditional spread is not a better G here: what limits FD is the fidelity of each draw.
-    Nor does a wider G (base_ch 48, 2.2x the parameters) fix it in 8000 steps: FD 45.7.
-    2D points: MLPs, batch 256, higher lrs (at ddgan.md's lrs the MLP critic learns too slowly
-    and G collapses to a line); 4000 steps ~ 1.5 min at ~45 it/s, all 25 grid25 modes by
-    step 2000."""
+    """The released recipes. Digits / images: the Config defaults (U-Net G, ddgan.md's lrs and
+    Adam betas, no gradient clipping, batch 64, 8000 steps) plus a conv D with a minibatch-std
+    feature in groups of 4, which lets D see the class mix of a batch at the noisy steps where a
+    per-pair D cannot. With the batch ordered by i, no clip and 8000 steps this took digits FD
+    from 63 to 17.7 (one draw). 2D points: MLPs, batch 256, higher lrs (at ddgan.md's lrs the
+    MLP critic learns too slowly and G collapses to a line), the loop's clip at 1, 4000 steps.
+    What was tried and measured, and not kept: docs/ddgan_tuning.md."""
     if data.kind == "image":
-        return Config(arch="unet", z_dim=32, lr_g=1.6e-4, lr_d=1.25e-4, grad_clip=0.0,
-                      disc_mbstd=4, train_steps=8000, batch_size=64, ema_decay=0.999)
+        return Config(arch="unet", disc_mbstd=4)
     return Config(arch="mlp", z_dim=8, lr_g=5e-4, lr_d=1e-3, r1_gamma=0.05, lazy_reg=1,
-                  train_steps=4000, batch_size=256, ema_decay=0.995)
+                  train_steps=4000, batch_size=256, ema_decay=0.995, grad_clip=1.0)
 
 
 def schedule_of(cfg: Config):
@@ -247,6 +182,24 @@ def to_data(x: torch.Tensor, kind: str, dataset: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The released model: EMA generator + schedule.
 
+# Training-only Config fields that were removed (experiments not kept, see docs/ddgan_tuning.md),
+# with the value that meant "off". Cards written before the removal carry them.
+_REMOVED_OFF = {"cond_group": 0, "ds_weight": 0.0}
+_REMOVED_INERT = ("ds_cap",)       # the diversity term's cap: inert while ds_weight is off
+
+
+def _drop_removed(config: dict) -> dict:
+    """A card's config without the removed fields when they hold their off value; a card whose
+    checkpoint was trained with one of those features on is refused, naming the key."""
+    for key, off in _REMOVED_OFF.items():
+        if key in config and config[key] != off:
+            raise ValueError(f"ddgan checkpoint card: config.{key} = {config[key]!r}: this "
+                             f"checkpoint was trained with {key}, a feature removed from "
+                             f"fastsample (off = {off!r}; see docs/ddgan_tuning.md)")
+    removed = set(_REMOVED_OFF) | set(_REMOVED_INERT)
+    return {k: v for k, v in config.items() if k not in removed}
+
+
 class Model(nn.Module):
     """Sampling-ready DDGAN: `denoise(x_i, z, i)` is G; `schedule` the T-step DDGANSchedule."""
 
@@ -283,7 +236,7 @@ class Model(nn.Module):
         shape = tuple(card["data_shape"])
         try:
             cfg = Config(**{k: tuple(v) if isinstance(v, list) else v
-                            for k, v in card["config"].items()})
+                            for k, v in _drop_removed(card["config"]).items()})
         except TypeError as e:
             raise ValueError(f"ddgan checkpoint card: config is not a ddgan Config ({e})") from None
         model = cls(cfg, card["dataset"], "points" if len(shape) == 1 else "image", shape)
@@ -315,7 +268,6 @@ class Family:
         self._c0, self._c1 = sch.c0.float(), sch.c1.float()
         # The last step (i = 1) has sigma_post = 0 exactly; NaN at index 0 is never read.
         self._sigma_post = torch.sqrt(sch.sigma2_post.clamp(min=0)).float()
-        self._rows_cache = None   # cond_group: (training-row centres, var_u), built on first use
 
     def modules(self) -> dict[str, nn.Module]:
         return {"generator": build_generator(generator_config(self.cfg, self.data_shape)),
@@ -351,45 +303,6 @@ class Family:
                + self._coef(self._sqrt_beta, i, x0) * ctx.randn(*x0.shape))
         return x_prev, x_i
 
-    def _grouped_real(self, ctx, x0: torch.Tensor):
-        """Real rows in groups of K = cond_group that share one x_i: the group's first x_{i-1}
-        is the usual pair's, the other K - 1 are further draws from p(x_{i-1} | x_i) of the
-        training set (x_0 by Bayes' rule over its rows, then q(x_{i-1} | x_i, x_0)). Each row is
-        still a draw of the usual real pair, but D's minibatch std of a group now measures the
-        spread of p(x_{i-1} | x_i), which a G that ignores z cannot show."""
-        K, N = self.cfg.cond_group, x0.shape[0]
-        if N % K:
-            raise ValueError(f"ddgan: the batch on this process ({N}) is not a multiple of "
-                             f"cond_group = {K}")
-        M = N // K
-        i_g = (ctx.randint(self.cfg.T, M).cpu() + 1).sort().values
-        prev_a, xi_a = self._real_pair(ctx, x0[:M], i_g)
-        logw = posterior_log_weights(xi_a, self._sqrt_ab[i_g].to(x0.device),
-                                     *self._posterior_rows(x0.device))
-        rows = sample_rows(logw, ctx.rand(M, K - 1))                      # (M, K-1)
-        x0_k = self.data.x.to(x0.device)[rows.flatten()]
-        if self.kind == "image":  # the batch sampler dequantises images the same way
-            x0_k = dequantize_digits(x0_k, u=ctx.rand(*x0_k.shape))
-        x0_k = to_model(x0_k, self.kind).view(M, K - 1, *x0.shape[1:])
-        c = lambda table: self._coef(table, i_g, x0)[:, None]
-        prev_k = (c(self._c0) * x0_k + c(self._c1) * xi_a[:, None]
-                  + c(self._sigma_post) * ctx.randn(M, K - 1, *x0.shape[1:]))
-        x_prev = torch.cat([prev_a[:, None], prev_k], dim=1).flatten(0, 1)
-        return x_prev, xi_a.repeat_interleave(K, dim=0), i_g.repeat_interleave(K)
-
-    def _posterior_rows(self, device) -> tuple[torch.Tensor, float]:
-        """Model-space centres of the training rows and the variance of their dequantisation
-        noise there (a uniform bin of width 2/17 for images, 0 for points)."""
-        if self._rows_cache is not None and self._rows_cache[0].device == torch.device(device):
-            return self._rows_cache
-        x = self.data.x.to(device=device, dtype=torch.float64)
-        if self.kind == "image":
-            x = to_model(dequantize_digits(x, u=torch.full_like(x, 0.5)), self.kind)
-            self._rows_cache = (x, (2.0 / DIGITS_LEVELS) ** 2 / 12.0)
-        else:
-            self._rows_cache = (x, 0.0)
-        return self._rows_cache
-
     def step(self, ctx, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.cfg
         self._set_lr(ctx)
@@ -397,18 +310,15 @@ class Family:
         N = x0.shape[0]
         G, D = ctx.m("generator"), ctx.m("discriminator")
 
-        if c.cond_group:
-            x_prev, x_i, i = self._grouped_real(ctx, x0)
-        else:
-            # Real pair: x_{i-1} ~ q(x_{i-1} | x_0), x_i ~ q(x_i | x_{i-1}), i uniform in 1..T.
-            i = ctx.randint(c.T, N).cpu() + 1
-            if c.disc_mbstd > 1:
-                # D's minibatch-std groups are consecutive samples; sorted by i, a group mostly
-                # shares one noise level, so its std measures sample diversity at that step
-                # instead of the spread between steps. The rows are iid: the order changes
-                # nothing else.
-                i = i.sort().values
-            x_prev, x_i = self._real_pair(ctx, x0, i)
+        # Real pair: x_{i-1} ~ q(x_{i-1} | x_0), x_i ~ q(x_i | x_{i-1}), i uniform in 1..T.
+        i = ctx.randint(c.T, N).cpu() + 1
+        if c.disc_mbstd > 1:
+            # D's minibatch-std groups are consecutive samples; sorted by i, a group mostly
+            # shares one noise level, so its std measures sample diversity at that step
+            # instead of the spread between steps. The rows are iid: the order changes
+            # nothing else.
+            i = i.sort().values
+        x_prev, x_i = self._real_pair(ctx, x0, i)
         t = i.to(device=x0.device, dtype=torch.float32)
 
         # Fake pair: x_0' = G(x_i, z, i), x'_{i-1} ~ q(x_{i-1} | x_i, x_0').
@@ -435,21 +345,9 @@ class Family:
 
         # G step: non-saturating loss against the updated D.
         loss_g = F.softplus(-D(x_fake, x_i, t)).mean()
-        ds = None
-        if c.ds_weight > 0:
-            # Diversity-sensitive term: a conditional G learns to ignore z (the released G has
-            # Var_z x_0' ~ 0.4% of the data posterior's Var(x_0 | x_1), see z_usage). Every
-            # other row gets a second z; strided, not the first half: rows are sorted by i.
-            z2 = ctx.randn(z[::2].shape[0], c.z_dim)
-            x0_pred2 = G(x_i[::2], t[::2], z2)
-            ds = ((x0_pred[::2] - x0_pred2).abs().flatten(1).mean(1)
-                  / (z[::2] - z2).abs().mean(1))
-            loss_g = loss_g - c.ds_weight * ds.clamp(max=c.ds_cap).mean()
         ctx.optimize("gen", loss_g)
         out = {"loss_d": loss_d.detach(), "loss_d_real": loss_d_real.detach(),
                "loss_d_fake": loss_d_fake.detach(), "loss_g": loss_g.detach()}
-        if ds is not None:
-            out["ds_ratio"] = ds.mean().detach()
         if do_r1:
             out["r1"] = r1.detach()
         return out
@@ -484,60 +382,6 @@ class Family:
         return out
 
 
-@torch.no_grad()
-def z_usage(model: "Model", x0: torch.Tensor, ref: torch.Tensor, draws: int = 16,
-            seed: int = 0) -> list[dict]:
-    """How much of the denoising distribution's spread G produces from z, per step i.
-
-    For each i: x_i ~ q(x_i | x_0) from the rows of `x0` (model space), then
-    - posterior_var: E ||x_0 - E[x_0 | x_i]||^2 under the empirical distribution of `ref`
-      (model space), by Bayes' rule over its rows: the spread a perfect p(x_0 | x_i) has;
-    - generator_var: E sum_pixels Var_z G(x_i, z, i), over `draws` latents per x_i;
-    - mean_err: E ||E_z G(x_i, z, i) - E[x_0 | x_i]||^2.
-    generator_var << posterior_var means G ignores z: the multimodal p(x_{i-1} | x_i) the
-    paper's argument rests on is then a point mass plus the posterior noise.
-    """
-    g = torch.Generator().manual_seed(seed)
-    R = ref.flatten(1).double()
-    rows = []
-    for i in range(1, model.T + 1):
-        ab = float(model.schedule.alpha_bar[i])
-        x_i = model.schedule.q_sample(x0, i, torch.randn(x0.shape, generator=g))
-        w = torch.softmax(posterior_log_weights(x_i, torch.full((len(x0),), ab ** 0.5), R), dim=1)
-        mean = w @ R
-        pvar = (w * R.pow(2).sum(1)[None]).sum(1) - mean.pow(2).sum(1)
-        t = torch.full((len(x0),), float(i))
-        outs = torch.stack([model.denoise(x_i, torch.randn(len(x0), model.z_dim, generator=g), t)
-                            for _ in range(draws)]).flatten(2).double()
-        rows.append({"i": i, "alpha_bar": ab, "posterior_var": float(pvar.clamp(min=0).mean()),
-                     "generator_var": float(outs.var(0).sum(1).mean()),
-                     "mean_err": float((outs.mean(0) - mean).pow(2).sum(1).mean())})
-    return rows
-
-
-def posterior_log_weights(x_i: torch.Tensor, sqrt_ab: torch.Tensor, centres: torch.Tensor,
-                          var_u: float = 0.0) -> torch.Tensor:
-    """log p(row j | x_i) up to a per-row constant, for data = the rows `centres` (R, ...) each
-    spread by independent noise of variance var_u per element: x_i = sqrt_ab c_j + noise of
-    variance 1 - ab + ab var_u (exact for var_u = 0; for dequantised digits var_u is a uniform
-    bin's, whose Gaussian stand-in is off by < 0.1% of the variance at alpha_bar 0.52).
-    x_i (M, ...), sqrt_ab (M,) -> (M, R) float64."""
-    s = sqrt_ab.double()
-    var = 1.0 - s ** 2 + s ** 2 * var_u
-    # ||x - s c|| = s ||x / s - c||: one (M, R) cdist, no (M, R, D) stack of scaled centres.
-    d = torch.cdist(x_i.flatten(1).double() / s[:, None], centres.flatten(1).double()) * s[:, None]
-    return -d.pow(2) / (2.0 * var[:, None])
-
-
-def sample_rows(logw: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Row indices from the categorical softmax(logw) (M, R), by the inverse CDF at the
-    uniforms u (M, K): (M, K) int64."""
-    cdf = torch.softmax(logw.double(), dim=1).cumsum(dim=1)
-    # right=True: the first j with cdf_j > u, so a zero-weight row is never drawn, not even at u = 0.
-    idx = torch.searchsorted(cdf, u.double().to(cdf.device), right=True)
-    return idx.clamp(max=logw.shape[1] - 1)  # u above a rounded cdf[-1] < 1
-
-
 def grid25_modes(x: torch.Tensor, min_share: float = 0.2) -> dict:
     """grid25 mode coverage by the nearest-mean rule: every sample belongs to its nearest mean; a
     mode is hit when it holds at least min_share of the uniform share 1/25 of the samples.
@@ -551,6 +395,9 @@ def grid25_modes(x: torch.Tensor, min_share: float = 0.2) -> dict:
     return {"modes_hit": hit, "within_3std": float((dist < 3 * std).float().mean())}
 
 
+FORMAT1_FIELD_DEFAULTS = {"grad_clip": 1.0, "disc_mbstd": 0, "t_power": 1.0}
+
+
 def upgrade_card(card: dict) -> dict:
     """Format 1 kept the Config, the data kind and shape and the generator's dict inside
     net_config; format 2 moves them to config, data_shape and net_config["generator"]."""
@@ -558,7 +405,11 @@ def upgrade_card(card: dict) -> dict:
         return card
     try:
         net = card["net_config"]
-        config, shape = net["config"], list(net["data_shape"])
+        # A format-1 config written before a field existed ran with that field's value of the
+        # time, not today's default (grad_clip was the loop's 1.0; the grid25 release predates
+        # it): fill those in, so the upgraded card says how the weights were trained.
+        config = {**FORMAT1_FIELD_DEFAULTS, **net["config"]}
+        shape = list(net["data_shape"])
         gen = {"kind": config["arch"], **net["generator"]}
         if net["kind"] != ("points" if len(shape) == 1 else "image"):
             raise ValueError(f"data kind {net['kind']!r} does not fit data_shape {shape}")
@@ -573,8 +424,7 @@ def _json_safe(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-__all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS", "grid25_modes", "z_usage",
-           "posterior_log_weights", "sample_rows",
+__all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS", "grid25_modes",
            "generator_config", "build_generator", "build_discriminator", "schedule_of"]
 
 
