@@ -170,7 +170,7 @@ def test_train_digits_smoke_and_checkpoint_loads(tmp_path):
     _train(data, cfg, tmp_path, steps=3, batch=8)
     assert all(math.isfinite(r["loss"]) for r in _log(tmp_path) if "loss" in r)
     model, card = models.load_model(tmp_path / "ddpm.safetensors")
-    assert card.net_config["arch"] == "unet" and model.cfg == cfg
+    assert card.net_config["net"]["kind"] == "unet" and model.cfg == cfg
     x, nfe = S.sample(model, "em", 3, 4, seed=0)
     assert x.shape == (4, 1, 8, 8) and x.dtype == torch.float32
     assert set((x * 16).round().unique().tolist()) <= set(range(17))

@@ -283,7 +283,8 @@ def test_demo_latency_refuses_a_tampered_cached_artifact(tmp_path, monkeypatch):
     import onnxruntime
 
     from fastsample import cli
-    ckpt = cli.released_checkpoint("ddgan")
+    from fastsample.models.registry import released_checkpoint
+    ckpt = released_checkpoint("ddgan")
     if not ckpt.exists():
         pytest.skip("no released ddgan checkpoint")
     art = tmp_path / "ddgan-sampler-onnx"
@@ -396,7 +397,8 @@ def test_outputs_get_the_umask_mode(tmp_path, umask):
         atomic_save_npz(tmp_path / "s.npz", samples=np.zeros((2, 2), np.float32))
         ck.save_training_state(tmp_path / "x.state.pt", {"step": 1})
         card = ck.CheckpointCard(family="ddpm", dataset="toy2d:gauss", net_config={},
-                                 sde_config={}, train_steps=1, seed=0, wall_time_s=0.0)
+                                 sde_config={}, train_steps=1, seed=0, wall_time_s=0.0,
+                                 config={}, data_shape=[2])
         ck.save_checkpoint(tmp_path / "x.safetensors", {"w": torch.zeros(2)}, card)
     finally:
         os.umask(old)

@@ -410,7 +410,7 @@ def upgrade_card(card: dict) -> dict:
         # it): fill those in, so the upgraded card says how the weights were trained.
         config = {**FORMAT1_FIELD_DEFAULTS, **net["config"]}
         shape = list(net["data_shape"])
-        gen = {"kind": config["arch"], **net["generator"]}
+        gen = {"kind": config["arch"], **net.get("generator", {})}
         if net["kind"] != ("points" if len(shape) == 1 else "image"):
             raise ValueError(f"data kind {net['kind']!r} does not fit data_shape {shape}")
     except (KeyError, TypeError) as e:

@@ -182,8 +182,8 @@ def upgrade_card(card: dict) -> dict:
         config = sde.pop("config")
         shape, arch, netcfg = list(net["shape"]), net["arch"], dict(net["net"])
     except (KeyError, TypeError) as e:
-        raise ValueError(f"ddpm checkpoint card (format 1) lacks {e}; expected sde_config.config "
-                         f"and net_config arch, shape, net") from None
+        raise ValueError(f"not a ddpm card: format 1 lacks {e}; expected sde_config.config and "
+                         f"net_config arch, shape, net") from None
     return {**card, "config": config, "data_shape": shape,
             "net_config": {"net": {"kind": arch, **netcfg}}, "sde_config": sde,
             "format_version": 2}

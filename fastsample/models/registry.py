@@ -75,7 +75,9 @@ def card_dict(card) -> dict:
     """A checkpoint card (CheckpointCard or its dict) as a plain dict."""
     if isinstance(card, dict):
         return dict(card)
-    return dataclasses.asdict(card)
+    if dataclasses.is_dataclass(card):
+        return dataclasses.asdict(card)
+    return {k: getattr(card, k) for k in dir(card) if not k.startswith("_")}
 
 
 @dataclass(frozen=True)

@@ -362,9 +362,9 @@ class _Loop:
                 raise TrainingError(f"{where}: trained on {card.get('dataset')!r}, this run's "
                                     f"--data is {self.family_card.get('dataset')!r}; refusing "
                                     f"to resume (use another --out)")
-            diff = _config_diff({k: card.get(k) for k in ("net_config", "sde_config")},
-                                {k: self.family_card.get(k) for k in ("net_config",
-                                                                      "sde_config")})
+            keys = ("config", "data_shape", "net_config", "sde_config")
+            diff = _config_diff({k: card.get(k) for k in keys},
+                                {k: self.family_card.get(k) for k in keys})
             if diff:
                 more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
                 raise TrainingError(f"{where}: the state's {self.family.name} config differs "
