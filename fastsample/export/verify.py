@@ -18,7 +18,6 @@ dimensions up to MAX_DIM and MAX_ELEMENTS per sample, at most MAX_STEPS schedule
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ import re
 import stat
 from pathlib import Path, PurePosixPath
 
-from fastsample.export.core import FORMATS, MANIFEST_VERSION, ExportError
+from fastsample.export.core import FORMATS, MANIFEST_VERSION, ExportError, sha256
 from fastsample.models.registry import REGISTRY
 
 MANIFEST = "manifest.json"
@@ -185,14 +184,6 @@ def artifact_file(artifact, man: dict, name: str) -> Path:
     return Path(artifact) / hits[0]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_artifact(artifact) -> dict:
     """-> the manifest, after checking that every file it lists is a regular file inside the
     directory (no symlink out of it) with the recorded sha256. ExportError (one line) naming
@@ -213,7 +204,7 @@ def verify_artifact(artifact) -> dict:
         if not stat.S_ISREG(st.st_mode) or not p.resolve().is_relative_to(root):
             raise _bad(d, f"{rel} is not a regular file inside the artifact")
         try:
-            got = _sha256(p)
+            got = sha256(p)
         except OSError as e:
             raise _bad(p, f"cannot read: {e.strerror or e}") from None
         if got != want:
