@@ -7,6 +7,7 @@
 //                                   accepted or rejected as the file says (Python runs the same
 //                                   file in tests/test_schedule_grammar.py)
 
+#include "expect.h"
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -24,15 +25,7 @@
 
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond)                                                                \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                   \
-    }                                                                               \
-  } while (0)
+using fastsample_test::failures;
 
 // f() must throw fastsample::Error whose message contains `part`.
 void expect_error(const std::function<void()>& f, const std::string& part, int line) {

@@ -1,6 +1,7 @@
 // Unit tests without a model: the step functions against closed forms (float and double),
 // the schedule reader's errors, the .npy round trip. Plain asserts: exit 0 = pass.
 
+#include "expect.h"
 #include "test_values.h"
 #include <cmath>
 #include <cstdio>
@@ -15,16 +16,7 @@
 
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond)                                                      \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                        \
-    }                                                                    \
-  } while (0)
-
+using fastsample_test::failures;
 using fastsample_test::values;
 
 void test_affine1() {
