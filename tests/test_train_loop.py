@@ -17,13 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = str(ROOT / "tests" / "train_fixture.py")
 sys.path.insert(0, str(ROOT / "tests"))
 from train_fixture import TinyFamily, sample_batch  # noqa: E402
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+from train_fixture import subprocess_env as _env  # noqa: E402
 
 
 def _run(*args):

@@ -4,8 +4,10 @@ with dropout (so the global RNG matters for exact resume). Run as a script by su
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,6 +47,16 @@ class TinyFamily:
         return {"dataset": "toy2d:gauss", "config": {"width": 32}, "data_shape": [2],
                 "net_config": {"net": {"kind": "mlp", "width": 32}}, "sde_config": {}}
 
+
+
+def subprocess_env() -> dict:
+    """The environment of a training subprocess: this checkout's package first, one OpenMP
+    thread (2 shared cores; runs compared bit for bit must not depend on the load)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + \
+        env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
 
 def sample_batch(n, g):
     return torch.randn(n, 2, generator=g) * 0.5 + 1.0
