@@ -204,9 +204,12 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _check_range(flag: str, v: int, lo: int, hi: int) -> None:
-    if not lo <= v <= hi:
-        raise ValueError(f"{flag} must be in [{lo}, {hi}], got {v}")
+def _check_range(flag: str, v: int, lo: int, hi: int | None = None) -> None:
+    """A numeric option refused, not replaced, below `lo`; beyond `hi` it names the limit."""
+    if v < lo:
+        raise ValueError(f"{flag} must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{flag} {v} is above the limit {hi}")
 
 
 def _check_device(device: str) -> None:
@@ -395,12 +398,8 @@ def _check_train_numbers(ns: argparse.Namespace) -> None:
             ("--eval-every", ns.eval_every, 0, None), ("--T", ns.T, 1, 100_000),
             ("--resolution", ns.resolution, 1, 4096), ("--seed", ns.seed, 0, 2 ** 63 - 1))
     for flag, v, lo, hi in ints:
-        if v is None:
-            continue
-        if v < lo:
-            raise ValueError(f"{flag} must be >= {lo}, got {v}")
-        if hi is not None and v > hi:
-            raise ValueError(f"{flag} {v} is above the limit {hi}")
+        if v is not None:
+            _check_range(flag, v, lo, hi)
     if not math.isfinite(ns.max_minutes) or ns.max_minutes < 0:
         raise ValueError(f"--max-minutes must be a finite number >= 0 (0 = no limit), got "
                          f"{ns.max_minutes}")

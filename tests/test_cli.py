@@ -101,7 +101,7 @@ def test_sample_writes_the_npz_contract_and_a_scatter(tmp_path):
     (["--sampler", "sscs"], "unknown sampler 'sscs' for family ddgan"),
     (["--sampler", "posterior", "--steps", "2"], "trained with T=4"),
     (["--sampler", "posterior", "--grid-cols", "4"], "--grid-cols applies to image samples"),
-    (["--sampler", "posterior", "--steps", "0"], "--steps must be in"),
+    (["--sampler", "posterior", "--steps", "0"], "--steps must be >= 1"),
 ])
 def test_sample_bad_input_for_a_toy_ddgan(tmp_path, capsys, extra, msg):
     out = tmp_path / "s.npz"

@@ -162,10 +162,3 @@ def vp_em_step_(x, e, c_x: float, c_e: float, sigma: float, seed, offset: int,
     """x <- c_x x + c_e e + sigma n in place (e: the net output); sigma = 0: no noise. Every
     affine1/posterior row of a sampler plan is this step. noise: given (n0,) (the torch twin)."""
     _affine1(x, e, c_x, c_e, sigma, seed, offset, noise)
-
-
-def ddgan_posterior_step_(x_t, x0_pred, c0: float, c1: float, sigma: float, seed,
-                          offset: int) -> None:
-    """x_{t-1} = c0 x0' + c1 x_t + sigma_post n (ddgan.md sec. 1), written into x_t;
-    the last step (t = 1) passes sigma = 0 and returns the posterior mean."""
-    _affine1(x_t, x0_pred, c1, c0, sigma, seed, offset)
