@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -63,6 +64,12 @@ def test_exact_resume_after_kill(tmp_path):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ddp_two_processes_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # The one-process run in this process (the fixture's main() with --steps 8 --batch 16
@@ -70,8 +77,9 @@ def test_ddp_two_processes_match_one(tmp_path):
     train(TinyFamily(dropout=0.0), sample_batch,
           TrainConfig(steps=8, batch_size=16, ckpt_every=5, log_every=1, ema_decay=0.9,
                       amp="none", progress=False), one)
+    # A fixed rendezvous port collided with other runs on the same machine now and then.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port", "29517", FIXTURE, "--out", str(two), "--steps", "8", "--batch", "16",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), FIXTURE, "--out", str(two), "--steps", "8", "--batch", "16",
            "--dropout", "0"]
     subprocess.run(cmd, env=_env(), check=True, capture_output=True, timeout=300)
     l1, l2 = _log(one), _log(two)
