@@ -133,9 +133,10 @@ def test_ddgan_sampler_graph_reproduces_fastsample_sample(artifacts, tmp_path):
     x_T = torch.randn((N, *model.data_shape), generator=torch.Generator().manual_seed(SEED))
     z = draw_latents(model.T, N, model.z_dim, SEED, "cpu")
     noise = torch.stack([r[0] if r else torch.zeros_like(x_T)
-                         for r in twin_noise(tab, SEED, x_T)])
+                         for r in twin_noise(tab, SEED, x_T)], dim=1)
     sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
-    x0, samples = sess.run(None, {"x_T": x_T.numpy(), "z": z.numpy(), "noise": noise.numpy()})
+    x0, samples = sess.run(None, {"x_T": x_T.numpy(), "z": z.transpose(0, 1).numpy(),
+                                  "noise": noise.numpy()})
     np.testing.assert_allclose(samples, want, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(x0, want, atol=1e-5, rtol=1e-5)   # 2D points: to_data = identity
 
@@ -192,8 +193,8 @@ def test_triton_repo_configs_parse(artifacts):
                                        (f"{GRID}/ddgan.safetensors", "generator"),
                                        (f"{GRID}/cld.safetensors", "score")])
 def test_triton_config_text_for_each_layout(tmp_path, ckpt, what):
-    """Batch-first models batch dynamically (a (N,) input becomes dims [1] + reshape []); the
-    sampler, batched on axis 1 of z and noise, is served with max_batch_size 0 and -1 dims."""
+    """Every export is batch-first and batches dynamically (a (N,) input becomes dims [1] +
+    reshape []); the sampler's z and noise carry the steps after the batch."""
     from fastsample.export import triton_repo as tr
     model, card = load_model(ckpt)
     spec = core.build_spec(model, card, what)
@@ -204,11 +205,11 @@ def test_triton_config_text_for_each_layout(tmp_path, ckpt, what):
         cfg = tr.parse_config(p)
         assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU
         assert all(t.data_type == 10 for t in list(cfg.input) + list(cfg.output))   # TYPE_FP16
+        assert cfg.max_batch_size == 64 and list(cfg.dynamic_batching.preferred_batch_size)
         if what == "sampler":
-            assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
-            assert list(cfg.input[1].dims) == [model.T, -1, model.z_dim]
+            assert list(cfg.input[1].dims) == [model.T, model.z_dim]
+            assert list(cfg.input[2].dims) == [model.T, *model.data_shape]
         else:
-            assert cfg.max_batch_size == 64 and list(cfg.dynamic_batching.preferred_batch_size)
             t_in = cfg.input[-1]
             assert t_in.name == "t" and list(t_in.dims) == [1] and t_in.HasField("reshape")
 

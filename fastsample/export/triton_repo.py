@@ -7,9 +7,9 @@
     DIR/<family>_<what>_trt/1/model.plan
 
 Batch-first models get max_batch_size = --max-batch (dims without the batch axis; a (N,) input
-is dims [1] reshaped to a scalar), dynamic batching and one instance per device. The DDGAN
-sampler carries its batch on axis 1 of z and noise, which Triton's batcher cannot split, so it
-is served with max_batch_size 0 and -1 on the batch axes (no dynamic batching).
+is dims [1] reshaped to a scalar), dynamic batching and one instance per device. Every
+export is batch-first (the DDGAN sampler's z and noise included), so every model batches; a
+model that is not (none today) would get max_batch_size 0 and -1 on its batch axes.
 AOTInductor packages have no Triton backend (the PyTorch backend loads TorchScript); serve them
 through the C++ runtime. Every config is validated by parsing it with Triton's ModelConfig
 protobuf schema (shipped in tritonclient).
