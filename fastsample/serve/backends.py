@@ -172,7 +172,9 @@ class EngineServed(Served):
         from fastsample.runtime import Engine
         e = self.engines.pop(num, None)
         if e is None:
-            e = Engine(self.model, self.sampler, batch=num, device=self.device, **self.opts)
+            # No warm-up runs on the CPU: there is no graph to capture, only time to lose.
+            e = Engine(self.model, self.sampler, batch=num, device=self.device,
+                       warmup=0 if self.device == "cpu" else 2, **self.opts)
             while len(self.engines) >= MAX_ENGINES:
                 self.engines.popitem(last=False)
         self.engines[num] = e
@@ -194,10 +196,14 @@ class EngineServed(Served):
 
 def load(spec: str, *, backend: str, cache: Path, max_batch: int, threads: int | None,
          device: str) -> Served:
-    """`[NAME=]CHECKPOINT` -> a Served model (NAME default: data set and family)."""
+    """`[NAME=]CHECKPOINT[@BACKEND]` -> a Served model (NAME default: data set and family;
+    BACKEND default: `backend`)."""
     name, sep, path = spec.partition("=")
     if not sep:
         name, path = "", spec
+    head, at, tail = path.rpartition("@")
+    if at and tail in BACKENDS:
+        path, backend = head, tail
     ckpt = Path(path)
     if not ckpt.is_file():
         raise ModelError(f"{ckpt}: no such checkpoint file")

@@ -68,7 +68,10 @@ class Batcher:
         if self.closed:
             raise Closed()
         if len(self.queue) >= self.max_queue:
-            raise QueueFull()
+            # Requests whose clients left or timed out hold no place in the queue.
+            self.queue = deque(it for it in self.queue if not it.fut.done())
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull()
         item = _Item(seed, num, asyncio.get_running_loop().create_future())
         self.queue.append(item)
         self._gauge()

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,9 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "GET /metrics (Prometheus). More CPU: run one server per core pair on its own port "
         "behind a load balancer, or the Ray Serve deployment (fastsample.serve.ray); on a GPU "
         "one Engine server per device. docs/serving.md has the details.")
-    p.add_argument("models", nargs="*", metavar="[NAME=]CKPT",
-                   help="checkpoints to serve (default: every released checkpoints/digits/ "
-                   "model present)")
+    p.add_argument("models", nargs="*", metavar="[NAME=]CKPT[@BACKEND]",
+                   help="checkpoints to serve, optionally named and with their own backend "
+                   "(default: every released checkpoints/digits/ model present)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; the default answers this machine only")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
@@ -143,6 +146,29 @@ def build_server(ns):
                   max_queue=ns.max_queue, max_num=ns.max_num, timeout_s=ns.timeout)
 
 
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that after the graceful stop a SIGTERM/SIGINT is not
+        raised again (uvicorn re-raises it, so the exit status would say "killed by a signal"
+        although every request was answered): a requested stop ends with status 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT,
+                                                                    signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+    return Server
+
+
 def serve(ns) -> int:
     try:
         import uvicorn
@@ -152,6 +178,7 @@ def serve(ns) -> int:
         raise ValueError(f"fastsample serve needs the serve extra (pip install "
                          f"'fastsample[serve]'): {e}") from None
     _check(ns)
+    _Server = _server_class()
     t0 = time.perf_counter()
     log_config = setup_logging(ns.log_level)
     server = build_server(ns)
@@ -159,7 +186,7 @@ def serve(ns) -> int:
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_config=log_config,
                             access_log=False, timeout_graceful_shutdown=ns.timeout + 5,
                             lifespan="on")
-    userver = uvicorn.Server(config)
+    userver = _Server(config)
 
     port_file = ns.port_file
 
@@ -192,8 +219,9 @@ def main(argv=None) -> int:
                                 "Inference Protocol; tritonclient.http works unchanged)")
     add_arguments(p)
     ns = p.parse_args(argv)
+    from fastsample.checkpoint import CheckpointError
     try:
         return serve(ns)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"fastsample serve: error: {e}", file=sys.stderr)
         return 2
