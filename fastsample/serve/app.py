@@ -76,7 +76,7 @@ class Metrics:
 class Server:
     """The models, their batchers and the settings; `app()` builds the FastAPI application."""
 
-    def __init__(self, models: dict, *, max_batch: int = 32, max_delay_ms: float = 1.0,
+    def __init__(self, models: dict, *, max_batch: int = 32, max_delay_ms: float = 5.0,
                  max_queue: int = 256, max_num: int = 64, timeout_s: float = 30.0):
         self.models = models
         self.max_num, self.timeout = max_num, timeout_s
@@ -86,6 +86,9 @@ class Server:
                          for n, m in models.items()}
         self.ready = False
         self.accepted = self.completed = self.failed = 0
+        mt = self.metrics       # labelled children looked up once, not per request
+        self._hot = {n: (mt.requests.labels(n, "200"), mt.latency.labels(n),
+                         mt.samples.labels(n)) for n in models}
 
     # --------------------------------------------------------------------------------------
     # Requests.
@@ -110,12 +113,13 @@ class Server:
     async def sample(self, name: str, seed: int, num: int) -> np.ndarray:
         m = self.model(name)
         b = self.batchers[m.name]
+        ok, latency, samples = self._hot[name]
         t0 = time.perf_counter()
         code = 200
         self.accepted += 1
         try:
             out = await b.submit(seed, num, self.timeout)
-            self.metrics.samples.labels(name).inc(num)
+            samples.inc(num)
             return out
         except QueueFull:
             code = 503
@@ -138,10 +142,11 @@ class Server:
         finally:
             if code == 200:
                 self.completed += 1
+                ok.inc()
             else:
                 self.failed += 1
-            self.metrics.requests.labels(name, str(code)).inc()
-            self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+                self.metrics.requests.labels(name, str(code)).inc()
+            latency.observe(time.perf_counter() - t0)
 
     # --------------------------------------------------------------------------------------
     # The Open Inference Protocol's request body.
@@ -350,7 +355,8 @@ def build_app(server: Server):
         app.add_api_route(prefix, _meta_route(server), methods=["GET"])
         app.add_api_route(prefix + "/ready", _ready_route(server), methods=["GET"])
         app.add_api_route(prefix + "/config", _config_route(server), methods=["GET"])
-        app.add_api_route(prefix + "/infer", _infer_route(server), methods=["POST"])
+        # A plain Starlette route: the hot path skips FastAPI's dependency resolution.
+        app.router.add_route(prefix + "/infer", _infer_route(server), methods=["POST"])
 
     @app.post("/v2/repository/index")
     async def repository_index():
@@ -454,8 +460,9 @@ def _config_route(server):
 
 
 def _infer_route(server):
-    async def infer(name: str, request: Request, version: str | None = None):
-        _check_version(version)
+    async def infer(request: Request):
+        name = request.path_params["name"]
+        _check_version(request.path_params.get("version"))
         server.model(name)
         body = await request.body()
         seed, num, binary, rid = server.parse_infer(name, body,

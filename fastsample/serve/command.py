@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="engine backend: cpu | cuda | cuda:N")
     p.add_argument("--max-batch", type=int, default=32,
                    help="most samples merged into one batch by the dynamic batcher")
-    p.add_argument("--max-delay-ms", type=float, default=1.0,
+    p.add_argument("--max-delay-ms", type=float, default=5.0,
                    help="how long the batcher waits for more requests before running a batch "
                    "smaller than --max-batch")
     p.add_argument("--max-queue", type=int, default=256,
