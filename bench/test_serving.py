@@ -31,11 +31,15 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from bench.serve_load import (ServerProcess, batch_histogram, histogram_diff, load, percentile)
-from fastsample.models.registry import released_checkpoint
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+
+from bench.serve_load import (ServerProcess, batch_histogram, histogram_diff, load,  # noqa: E402
+                              percentile)
+from fastsample.models.registry import released_checkpoint  # noqa: E402
 
 THREADS = int(os.environ.get("SERVING_THREADS", "1"))
 BACKEND = os.environ.get("SERVING_BACKEND", "onnx")
