@@ -409,3 +409,64 @@ def test_ddgan_sampler_triton_repo_batches(tmp_path):
     one = lambda f: sess.run(["samples"], dict(zip(names, (t.numpy() for t in f))))[0]  # noqa
     both = one([torch.cat([x, y]) for x, y in zip(a, b)])
     np.testing.assert_allclose(both, np.concatenate([one(a), one(b)]), atol=1e-6, rtol=1e-6)
+    _check_front_model(d, sess, model)
+
+
+def _check_front_model(repo, sess, model):
+    """The repo's front model (seed/num in, samples out; Triton's Python backend) run with a
+    stand-in for triton_python_backend_utils whose BLS call runs the repo's ONNX graph: it
+    answers `fastsample sample`'s samples, and a bad seed is that request's error only. (Triton
+    itself is not run here.)"""
+    import importlib.util
+    import sys
+    import types
+
+    class T:
+        def __init__(self, name, arr):
+            self.name, self.arr = name, np.asarray(arr)
+
+        def as_numpy(self):
+            return self.arr
+
+    class Req:
+        def __init__(self, model_name="", inputs=(), requested_output_names=()):
+            self.inputs = {t.name: t for t in inputs}
+            self.model_name = model_name
+
+        def exec(self):
+            out = sess.run(["samples"], {k: t.arr for k, t in self.inputs.items()})[0]
+            return types.SimpleNamespace(has_error=lambda: False, outputs={"samples": T(
+                "samples", out)})
+
+    class Resp:
+        def __init__(self, output_tensors=(), error=None):
+            self.outputs = {t.name: t for t in output_tensors}
+            self.error = error
+    pb = types.SimpleNamespace(
+        Tensor=T, InferenceRequest=Req, InferenceResponse=Resp, TritonError=str,
+        get_input_tensor_by_name=lambda r, n: r.inputs.get(n),
+        get_output_tensor_by_name=lambda r, n: r.outputs[n])
+    sys.modules["triton_python_backend_utils"] = pb
+    try:
+        front = repo / "grid25-ddgan"
+        spec = importlib.util.spec_from_file_location("front_model", front / "1" / "model.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        m = mod.TritonPythonModel()
+        from google.protobuf import json_format
+
+        from fastsample.export import triton_repo as tr
+        cfg = json_format.MessageToDict(tr.parse_config(front / "config.pbtxt"),
+                                        preserving_proto_field_name=True)
+        m.initialize({"model_config": json.dumps(cfg), "model_repository": str(front),
+                      "model_version": "1"})
+        good = Req(inputs=[T("seed", [7]), T("num", [3])])
+        bad = Req(inputs=[T("seed", [-1])])
+        r_good, r_bad = m.execute([good, bad])
+    finally:
+        del sys.modules["triton_python_backend_utils"]
+    from fastsample.samplers.ddgan import sample
+    want, _ = sample(model, "posterior", model.T, 3, 7)
+    np.testing.assert_allclose(r_good.outputs["samples"].arr, want.numpy(), atol=1e-5,
+                               rtol=1e-5)
+    assert r_good.error is None and "seed must be one integer" in r_bad.error

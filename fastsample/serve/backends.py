@@ -38,9 +38,10 @@ class ModelError(ValueError):
 
 
 def model_name(card_dataset: str, family: str) -> str:
-    """`digits-ddgan`, `grid25-cld`: the data set (without its `toy2d:` kind) and the family."""
-    data = card_dataset.split(":")[-1] or "data"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{data}-{family}")
+    """`digits-ddgan`, `grid25-cld`: the data set (without its `toy2d:` kind) and the family,
+    as the Triton repository's front model is named."""
+    from fastsample.export.triton_repo import front_name
+    return front_name(card_dataset, family)
 
 
 def sampler_export(entry) -> str | None:
