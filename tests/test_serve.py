@@ -415,3 +415,20 @@ def test_load_smoke(server):
         r = load(server.port, MODEL, concurrency=conc, requests=12, seconds=30)
         assert r["ok"] == 12 and not r["errors"], r
     assert batch_histogram(server.port, MODEL)["+Inf"] > 0
+
+
+def test_every_family_is_served_by_the_engine(cache):
+    """Families without a whole-sampler export are served by the Engine backend (auto), named
+    DATA-FAMILY, with the output shape the Engine gives (a latent model's data shape)."""
+    ckpts = ["checkpoints/grid25/cld.safetensors", "checkpoints/grid25/ddpm.safetensors",
+             "checkpoints/digits/lsgm.safetensors"]
+    with ServerProcess([*ckpts, "--cache", cache, "--max-batch", "4", "--max-num", "2"]) as s:
+        st, _, body = post(s.port, "/v2/repository/index", b"")
+        names = sorted(m["name"] for m in json.loads(body))
+        assert names == ["digits-lsgm", "grid25-cld", "grid25-ddpm"]
+        for name in names:
+            _, _, meta = get(s.port, f"/v2/models/{name}")
+            meta = json.loads(meta)
+            assert meta["parameters"]["backend"] == "engine"
+            got = _infer(s, name, 1, 2)
+            assert got.shape == (2, *meta["outputs"][0]["shape"][1:]) and np.isfinite(got).all()

@@ -58,7 +58,7 @@ class Served:
     def __init__(self, name: str, checkpoint: Path, model, card, entry):
         self.name, self.checkpoint, self.card, self.entry = name, checkpoint, card, entry
         self.family = entry.name
-        self.data_shape = tuple(int(d) for d in model.data_shape)
+        self.data_shape = ()                # one sample's shape, set by the backend
         self.lock = threading.Lock()        # held while weights are swapped
 
     def describe(self) -> dict:
@@ -93,8 +93,12 @@ class OnnxServed(Served):
         outs = [t.name for t in spec.outputs]
         if "samples" not in outs:
             raise ModelError(f"{art}: the graph has no `samples` output ({outs})")
+        shape = tuple(int(d) for d in spec.outputs[outs.index("samples")].shape[1:])
+        if self.data_shape and shape != self.data_shape:
+            raise ModelError(f"{self.checkpoint}: the new weights give samples of shape "
+                             f"{shape}, the served model {self.data_shape}")
         sess = ort_session(art, "cpu", self.threads)      # a directory: sha256s verified first
-        self.sampler, self.steps = man["sampler"], man["steps"]
+        self.sampler, self.steps, self.data_shape = man["sampler"], man["steps"], shape
         # Swapped together, so a batch never mixes an old feed with a new session.
         self._run_parts = (sess, spec.feed, [t.name for t in spec.inputs], outs.index("samples"))
 
@@ -142,9 +146,6 @@ class OnnxServed(Served):
         """Re-read the checkpoint file (re-exported when it changed); the running session
         serves until the new one is ready, then both are swapped between batches."""
         model, card = load_model(self.checkpoint, expect_family=self.family)
-        if tuple(model.data_shape) != self.data_shape:
-            raise ModelError(f"{self.checkpoint}: the new weights have data shape "
-                             f"{tuple(model.data_shape)}, the served model {self.data_shape}")
         old = self._run_parts
         self._load(model, card)
         new, self._run_parts = self._run_parts, old
@@ -168,6 +169,7 @@ class EngineServed(Served):
         self.engines: OrderedDict = OrderedDict()
         self.engine(1)                              # builds (and checks) one at startup
         self.steps = self.engines[1].nfe
+        self.data_shape = tuple(int(d) for d in self.engines[1].out.shape[1:])
 
     def engine(self, num: int):
         from fastsample.runtime import Engine
