@@ -356,6 +356,19 @@ def test_queue_full_is_503_with_retry_after(cache):
         assert _infer(s, MODEL, 1).shape == (1, 2)
 
 
+def test_request_timeout_is_504_and_the_server_keeps_serving(cache):
+    """A request that cannot finish within --timeout is answered 504 with one line (here the
+    limit is below any run's time), and the server goes on answering."""
+    args = [CKPT, "--cache", cache, "--max-batch", "16", "--max-num", "8", "--threads", "1",
+            "--timeout", "0.001"]
+    with ServerProcess(args) as s:
+        for seed in range(3):
+            st, _, body = post(s.port, INFER, infer_body(seed, 8))
+            assert st == 504 and "did not finish within 0.001 s" in json.loads(body)["error"]
+        st, _, _ = get(s.port, "/v2/health/ready")
+        assert st == 200
+
+
 #-----------------------------------------------------------------------------------------------
 # Shutdown.
 
