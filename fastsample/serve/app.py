@@ -191,8 +191,7 @@ class Server:
                 raise HTTPError(400, f"input {tname!r} has datatype {_show(t.get('datatype'))}; "
                                      f"expected INT64")
             shape = t.get("shape")
-            if not isinstance(shape, list) or [d for d in shape if not _is_int(d)] or \
-                    int(np.prod(shape)) != 1 or len(shape) > 2:
+            if shape not in ([1], [1, 1]) or not all(_is_int(d) for d in shape):
                 raise HTTPError(400, f"input {tname!r} has shape {_show(shape)}; expected [1]")
             params = t.get("parameters") or {}
             if not isinstance(params, dict):
@@ -382,9 +381,7 @@ def build_app(server: Server):
 
     @app.post("/v1/sample")
     async def sample_json(request: Request):
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            raise HTTPError(413, f"request body of {len(body)} bytes; the limit is {MAX_BODY}")
+        body = await _body(request)
         try:
             req = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
@@ -432,6 +429,21 @@ def build_app(server: Server):
     return app
 
 
+async def _body(request) -> bytes:
+    """The request body, refused with 413 past MAX_BODY before more of it is read."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise HTTPError(413, f"request body of {declared} bytes; the limit is {MAX_BODY}")
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > MAX_BODY:
+            raise HTTPError(413, f"request body of more than {MAX_BODY} bytes; the limit is "
+                                 f"{MAX_BODY}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _check_version(version: str | None) -> None:
     if version is not None and version != VERSION:
         raise HTTPError(404, f"model version {version!r} does not exist; version {VERSION} does")
@@ -464,7 +476,7 @@ def _infer_route(server):
         name = request.path_params["name"]
         _check_version(request.path_params.get("version"))
         server.model(name)
-        body = await request.body()
+        body = await _body(request)
         seed, num, binary, rid = server.parse_infer(name, body,
                                                     request.headers.get(HEADER_LEN))
         out = await server.sample(name, seed, num)
