@@ -295,6 +295,42 @@ def test_weight_reload_serves_without_dropping_requests(server):
     assert st == 404
 
 
+def test_weight_reload_takes_the_new_weights(cache, tmp_path):
+    """The checkpoint file is replaced (as a training run would) and the model reloaded: both
+    backends then answer the new weights' samples (`fastsample sample [--engine]` on the new
+    file), and a checkpoint of another family is refused with 400, the old weights kept."""
+    import shutil
+
+    import torch
+
+    from fastsample.checkpoint import load_checkpoint, save_checkpoint
+    from fastsample.cli import main as cli
+    ckpt = tmp_path / "ddgan.safetensors"
+    shutil.copyfile(CKPT, ckpt)
+    with ServerProcess([f"m={ckpt}", f"e={ckpt}@engine", "--cache", tmp_path / "cache",
+                        "--max-batch", "8", "--max-num", "4", "--threads", "1"]) as s:
+        old = {m: _infer(s, m, 3, 2) for m in ("m", "e")}
+        sd, card = load_checkpoint(ckpt)
+        g = torch.Generator().manual_seed(0)
+        sd = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+              for k, v in sd.items()}
+        save_checkpoint(ckpt, sd, card)
+        for m in ("m", "e"):
+            st, _, body = post(s.port, f"/v2/repository/models/{m}/load", b"")
+            assert st == 200, body
+        for m, flag in (("m", []), ("e", ["--engine"])):
+            out = tmp_path / f"{m}.npz"
+            assert cli(["sample", str(ckpt), "--num", "2", "--seed", "3", *flag,
+                        "--out", str(out)]) == 0
+            got, want = _infer(s, m, 3, 2), np.load(out)["samples"]
+            assert not np.allclose(got, old[m])
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        shutil.copyfile("checkpoints/grid25/cld.safetensors", ckpt)
+        st, _, body = post(s.port, "/v2/repository/models/e/load", b"")
+        assert st == 400 and "reloading e" in json.loads(body)["error"]
+        np.testing.assert_allclose(_infer(s, "e", 3, 2), want, atol=1e-6)
+
+
 #-----------------------------------------------------------------------------------------------
 # The batcher alone: queue bound, timeouts, cancellation.
 
