@@ -6,8 +6,8 @@ batch in the model's one runner thread (ONNX Runtime and the Engine release the 
 batch runs, new requests queue up and join the next batch. The wait is adaptive: the batcher
 waits (at most max_delay after the runner is free) only for as many samples as the last batch
 held, so a lone request at low load runs at once; and a lone cheap request at low load runs on
-the loop's thread, sparing two thread hand-offs. A model that cannot merge requests (the Engine: one seed per batch) runs
-them one at a time through the same queue.
+the loop's thread, sparing two thread hand-offs. A model that cannot merge requests (the
+Engine: one seed per batch) runs them one at a time through the same queue.
 
     full queue           QueueFull -> 503 with Retry-After
     request timeout      TimeoutError -> 504; a queued request is dropped, not run
