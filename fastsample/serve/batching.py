@@ -5,7 +5,7 @@ holds `max_batch` samples or `max_delay` has passed since that request arrived, 
 batch in the model's one runner thread (ONNX Runtime and the Engine release the GIL). While a
 batch runs, new requests queue up and join the next batch. The wait is adaptive: the batcher
 waits (at most max_delay after the runner is free) only for as many samples as the last batch
-held, so a lone request at low load runs at once; and a lone cheap request at low load runs on
+held plus those that queued while it ran, so a lone request at low load runs at once; and a lone cheap request at low load runs on
 the loop's thread, sparing two thread hand-offs. A model that cannot merge requests (the
 Engine: one seed per batch) runs them one at a time through the same queue.
 
@@ -66,6 +66,7 @@ class Batcher:
         self.closed = False
         self.in_flight = 0                   # samples in the running batch
         self._last = 0                       # samples in the last batch
+        self._want = 0                       # samples likely to be wanted in the next one
         self._free = 0.0                     # when the runner last became free
         self._last_s = float("inf")          # how long the last batch ran
         self._wake: asyncio.Event | None = None
@@ -136,12 +137,13 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
             if self.max_delay > 0 and self.max_batch > 1:
-                # Wait only for requests that are likely to come: as many samples as the last
-                # batch held (its clients send again once answered), at most max_delay after
-                # the oldest arrived or the runner became free, whichever is later (requests
-                # that queued while a batch ran have not yet had a chance to be joined). A
-                # lone request at low load runs at once.
-                want = min(self.max_batch, max(self._last, 1))
+                # Wait only for requests that are likely to come: the last batch's samples
+                # (its clients send again once answered) plus those that queued while it ran,
+                # at most max_delay after the oldest arrived or the runner became free,
+                # whichever is later. A lone request at low load runs at once; two cohorts of
+                # closed-loop clients (one running, one queued) are merged again instead of
+                # alternating for ever.
+                want = min(self.max_batch, max(self._want, 1))
                 deadline = max(self.queue[0].t, self._free) + self.max_delay
                 while self._queued_samples() < want:
                     left = deadline - time.perf_counter()
@@ -181,6 +183,7 @@ class Batcher:
             finally:
                 self.in_flight = 0
                 self._free = time.perf_counter()
+                self._want = self._last + self._queued_samples()
                 self._last_s = self._free - t0
 
     async def close(self) -> None:
