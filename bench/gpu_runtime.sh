@@ -10,3 +10,11 @@ python3 -m pytest --benchmark -q -p no:cacheprovider bench/test_latency_runtime.
   --benchmark-json="$OUT/latency.json" --benchmark-columns=median,rounds 2>&1 | tee "$OUT/latency.log" | tail -40
 ncu --nvtx --nvtx-include "fastsample@run/" --clock-control none --metrics gpu__time_duration.sum \
   python3 bench/nvtx_probe.py > "$OUT/ncu_nvtx.txt" 2>&1; echo "ncu rc=$?"; head -60 "$OUT/ncu_nvtx.txt"
+# Serving (issue 19): the load test on the ONNX backend (CPU floor) and on the Engine backend on
+# CUDA (one CUDA graph per request size). Needs the serve extra (fastapi, uvicorn,
+# prometheus-client: put their wheels in .whl/); skipped otherwise.
+python3 -m pytest --benchmark -q -s -p no:cacheprovider bench/test_serving.py \
+  --benchmark-json="$OUT/serving-onnx-cpu.json" 2>&1 | tee "$OUT/serving-onnx-cpu.log" | tail -70
+SERVING_BACKEND=engine SERVING_DEVICE=cuda python3 -m pytest --benchmark -q -s -p no:cacheprovider \
+  bench/test_serving.py --benchmark-json="$OUT/serving-engine-cuda.json" 2>&1 \
+  | tee "$OUT/serving-engine-cuda.log" | tail -70

@@ -1,4 +1,4 @@
-"""`fastsample train | sample | eval | export | demo` (also `python -m fastsample`).
+"""`fastsample train | sample | eval | export | serve | demo` (also `python -m fastsample`).
 
 Every subcommand parses its own options; `export` shares its parser with
 `python -m fastsample.export` (fastsample/export/command.py).
@@ -14,6 +14,8 @@ HELP = {
     "sample": "sample a checkpoint with a named sampler; writes samples.npz (+ optional PNG)",
     "eval": "compute metrics (FD, class coverage, MMD / sliced Wasserstein) of a samples.npz",
     "export": "export a checkpoint to ONNX / AOTInductor / TensorRT / Triton-server repo",
+    "serve": "serve models over HTTP (Open Inference Protocol / tritonclient, dynamic "
+             "batching, metrics) on 127.0.0.1",
     "demo": "sample every released checkpoint with its fast sampler and print a table",
 }
 
@@ -27,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     from fastsample import __version__
 
     p.add_argument("--version", action="version", version=f"fastsample {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,eval,export,demo}")
-    for name in ("train", "sample", "eval", "export", "demo"):
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,eval,export,serve,demo}")
+    for name in ("train", "sample", "eval", "export", "serve", "demo"):
         sp = sub.add_parser(name, help=HELP[name], description=HELP[name])
         if name == "train":
             _train_args(sp)
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "export":
             from fastsample.export.command import add_arguments
             add_arguments(sp)
+        elif name == "serve":
+            from fastsample.serve.command import add_arguments as serve_arguments
+            serve_arguments(sp)
         elif name == "demo":
             sp.add_argument("--num", type=int, default=500, help="samples per family")
             sp.add_argument("--out", default="demo-out", help="where the PNG grids go")
@@ -461,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "export":
         from fastsample.export.command import run_cli
         return run_cli(ns)
+    if ns.command == "serve":
+        from fastsample.serve.command import serve
+        return _run(serve, ns)
     return 0
 
 

@@ -116,9 +116,11 @@ def default_file_mode() -> int:
 
 
 def save_png(path, samples: np.ndarray, cols: int | None = None) -> None:
-    """Image samples (K,C,H,W) in [0,1] -> a grid; 2D samples (K,2) -> a scatter plot."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Image samples (K,C,H,W) in [0,1] -> a grid; 2D samples (K,2) -> a scatter plot. `path`
+    may also be a binary file object (a server answers with the bytes)."""
+    if not hasattr(path, "write"):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
     if samples.ndim == 2 and samples.shape[1] == 2:
         import matplotlib
         matplotlib.use("Agg")
@@ -127,7 +129,7 @@ def save_png(path, samples: np.ndarray, cols: int | None = None) -> None:
         ax.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.5)
         ax.set_aspect("equal")
         fig.tight_layout()
-        fig.savefig(path)
+        fig.savefig(path, format="png")
         plt.close(fig)
         return
     if samples.ndim != 4 or samples.shape[1] not in (1, 3):
@@ -150,4 +152,4 @@ def save_png(path, samples: np.ndarray, cols: int | None = None) -> None:
     arr = img[0] if c == 1 else img.transpose(1, 2, 0)
     im = Image.fromarray(arr)
     im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    im.save(path)
+    im.save(path, format="PNG")

@@ -133,9 +133,10 @@ def test_ddgan_sampler_graph_reproduces_fastsample_sample(artifacts, tmp_path):
     x_T = torch.randn((N, *model.data_shape), generator=torch.Generator().manual_seed(SEED))
     z = draw_latents(model.T, N, model.z_dim, SEED, "cpu")
     noise = torch.stack([r[0] if r else torch.zeros_like(x_T)
-                         for r in twin_noise(tab, SEED, x_T)])
+                         for r in twin_noise(tab, SEED, x_T)], dim=1)
     sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
-    x0, samples = sess.run(None, {"x_T": x_T.numpy(), "z": z.numpy(), "noise": noise.numpy()})
+    x0, samples = sess.run(None, {"x_T": x_T.numpy(), "z": z.transpose(0, 1).numpy(),
+                                  "noise": noise.numpy()})
     np.testing.assert_allclose(samples, want, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(x0, want, atol=1e-5, rtol=1e-5)   # 2D points: to_data = identity
 
@@ -192,8 +193,8 @@ def test_triton_repo_configs_parse(artifacts):
                                        (f"{GRID}/ddgan.safetensors", "generator"),
                                        (f"{GRID}/cld.safetensors", "score")])
 def test_triton_config_text_for_each_layout(tmp_path, ckpt, what):
-    """Batch-first models batch dynamically (a (N,) input becomes dims [1] + reshape []); the
-    sampler, batched on axis 1 of z and noise, is served with max_batch_size 0 and -1 dims."""
+    """Every export is batch-first and batches dynamically (a (N,) input becomes dims [1] +
+    reshape []); the sampler's z and noise carry the steps after the batch."""
     from fastsample.export import triton_repo as tr
     model, card = load_model(ckpt)
     spec = core.build_spec(model, card, what)
@@ -204,11 +205,11 @@ def test_triton_config_text_for_each_layout(tmp_path, ckpt, what):
         cfg = tr.parse_config(p)
         assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU
         assert all(t.data_type == 10 for t in list(cfg.input) + list(cfg.output))   # TYPE_FP16
+        assert cfg.max_batch_size == 64 and list(cfg.dynamic_batching.preferred_batch_size)
         if what == "sampler":
-            assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
-            assert list(cfg.input[1].dims) == [model.T, -1, model.z_dim]
+            assert list(cfg.input[1].dims) == [model.T, model.z_dim]
+            assert list(cfg.input[2].dims) == [model.T, *model.data_shape]
         else:
-            assert cfg.max_batch_size == 64 and list(cfg.dynamic_batching.preferred_batch_size)
             t_in = cfg.input[-1]
             assert t_in.name == "t" and list(t_in.dims) == [1] and t_in.HasField("reshape")
 
@@ -385,3 +386,87 @@ def test_cpp_runtime_runs_the_exported_package(artifacts, tmp_path):
     assert r.returncode == 0, r.stderr
     want, _ = sd.sample(model, "posterior", model.T, N, SEED)
     np.testing.assert_allclose(np.load(tmp_path / "s.npy"), want.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_ddgan_sampler_triton_repo_batches(tmp_path):
+    """The DDGAN whole-sampler model of a written Triton repository batches under Triton's
+    dynamic batcher: batch-first I/O, max_batch_size = --max-batch and dynamic_batching set,
+    as parsed with Triton's ModelConfig schema; and two requests concatenated on axis 0 give
+    each request's own samples, which is what the batcher does."""
+    from fastsample.export import triton_repo as tr
+    d = _export(tmp_path / "repo", f"{GRID}/ddgan.safetensors", "sampler", "triton-repo")
+    cfgs = tr.load_repo(d)                       # sha256s verified, every config parsed
+    cfg = cfgs["ddgan_sampler"]
+    model, card = load_model(f"{GRID}/ddgan.safetensors")
+    assert cfg.max_batch_size == MAXB and cfg.HasField("dynamic_batching")
+    assert [(i.name, list(i.dims)) for i in cfg.input] == [
+        ("x_T", [2]), ("z", [model.T, model.z_dim]), ("noise", [model.T, 2])]
+    spec = core.build_spec(model, card, "sampler")
+    sess = ort.InferenceSession(str(d / "ddgan_sampler" / "1" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    a, b = spec.feed(1, 2), spec.feed(2, 3)
+    names = [t.name for t in spec.inputs]
+    one = lambda f: sess.run(["samples"], dict(zip(names, (t.numpy() for t in f))))[0]  # noqa
+    both = one([torch.cat([x, y]) for x, y in zip(a, b)])
+    np.testing.assert_allclose(both, np.concatenate([one(a), one(b)]), atol=1e-6, rtol=1e-6)
+    _check_front_model(d, sess, model)
+
+
+def _check_front_model(repo, sess, model):
+    """The repo's front model (seed/num in, samples out; Triton's Python backend) run with a
+    stand-in for triton_python_backend_utils whose BLS call runs the repo's ONNX graph: it
+    answers `fastsample sample`'s samples, and a bad seed is that request's error only. (Triton
+    itself is not run here.)"""
+    import importlib.util
+    import sys
+    import types
+
+    class T:
+        def __init__(self, name, arr):
+            self.name, self.arr = name, np.asarray(arr)
+
+        def as_numpy(self):
+            return self.arr
+
+    class Req:
+        def __init__(self, model_name="", inputs=(), requested_output_names=()):
+            self.inputs = {t.name: t for t in inputs}
+            self.model_name = model_name
+
+        def exec(self):
+            out = sess.run(["samples"], {k: t.arr for k, t in self.inputs.items()})[0]
+            return types.SimpleNamespace(has_error=lambda: False, outputs={"samples": T(
+                "samples", out)})
+
+    class Resp:
+        def __init__(self, output_tensors=(), error=None):
+            self.outputs = {t.name: t for t in output_tensors}
+            self.error = error
+    pb = types.SimpleNamespace(
+        Tensor=T, InferenceRequest=Req, InferenceResponse=Resp, TritonError=str,
+        get_input_tensor_by_name=lambda r, n: r.inputs.get(n),
+        get_output_tensor_by_name=lambda r, n: r.outputs[n])
+    sys.modules["triton_python_backend_utils"] = pb
+    try:
+        front = repo / "grid25-ddgan"
+        spec = importlib.util.spec_from_file_location("front_model", front / "1" / "model.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        m = mod.TritonPythonModel()
+        from google.protobuf import json_format
+
+        from fastsample.export import triton_repo as tr
+        cfg = json_format.MessageToDict(tr.parse_config(front / "config.pbtxt"),
+                                        preserving_proto_field_name=True)
+        m.initialize({"model_config": json.dumps(cfg), "model_repository": str(front),
+                      "model_version": "1"})
+        good = Req(inputs=[T("seed", [7]), T("num", [3])])
+        bad = Req(inputs=[T("seed", [-1])])
+        r_good, r_bad = m.execute([good, bad])
+    finally:
+        del sys.modules["triton_python_backend_utils"]
+    from fastsample.samplers.ddgan import sample
+    want, _ = sample(model, "posterior", model.T, 3, 7)
+    np.testing.assert_allclose(r_good.outputs["samples"].arr, want.numpy(), atol=1e-5,
+                               rtol=1e-5)
+    assert r_good.error is None and "seed must be one integer" in r_bad.error

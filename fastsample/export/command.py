@@ -146,8 +146,15 @@ def run(ns) -> int:
                             onnxruntime_version=ort.__version__)
             if ns.format == "triton-repo":
                 extra["triton"] = _triton_extras(tmp, spec, path, ns, lo, hi, batches, versions)
+                if spec.feed is not None:
+                    front = tr.write_front(tmp, spec, card, ckpt, hi=hi, device=ns.device)
+                    extra["triton"]["front"] = front
+                    extra["triton"]["models"].append(front)
                 for cfg in sorted(tmp.glob("*/config.pbtxt")):
-                    tr.validate(cfg, spec)
+                    if cfg.parent.name == extra["triton"].get("front"):
+                        tr.parse_config(cfg)          # seed/num in, samples out
+                    else:
+                        tr.validate(cfg, spec)
                 progress("validate", f"{len(extra['triton']['models'])} config.pbtxt parsed "
                                      f"with Triton's ModelConfig schema")
         elif ns.format == "aoti":

@@ -7,9 +7,14 @@
     DIR/<family>_<what>_trt/1/model.plan
 
 Batch-first models get max_batch_size = --max-batch (dims without the batch axis; a (N,) input
-is dims [1] reshaped to a scalar), dynamic batching and one instance per device. The DDGAN
-sampler carries its batch on axis 1 of z and noise, which Triton's batcher cannot split, so it
-is served with max_batch_size 0 and -1 on the batch axes (no dynamic batching).
+is dims [1] reshaped to a scalar), dynamic batching and one instance per device. Every
+export is batch-first (the DDGAN sampler's z and noise included), so every model batches; a
+model that is not (none today) would get max_batch_size 0 and -1 on its batch axes.
+A whole-sampler graph (its ExportPart has a feed) also gets a front model named like
+`fastsample serve` names it (DATA-FAMILY, e.g. digits-ddgan): Triton's Python backend running
+triton_front/model.py with the checkpoint beside it, taking seed/num and calling the graph
+through BLS, so that one tritonclient program works against `fastsample serve`, Ray Serve and
+Triton (docs/serving.md). It needs fastsample and torch inside the Triton container.
 AOTInductor packages have no Triton backend (the PyTorch backend loads TorchScript); serve them
 through the C++ runtime. Every config is validated by parsing it with Triton's ModelConfig
 protobuf schema (shipped in tritonclient).
@@ -24,6 +29,43 @@ from fastsample.export.core import ExportError, Spec
 
 TRITON_DTYPE = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16", "bf16": "TYPE_BF16"}
 QUEUE_DELAY_US = 100
+
+
+def front_name(dataset: str, family: str) -> str:
+    """`digits-ddgan`, `grid25-cld`: the data set (without its `toy2d:` kind) and the family;
+    `fastsample serve` names its models the same way."""
+    import re
+    data = dataset.split(":")[-1] or "data"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{data}-{family}")
+
+
+def front_config_text(name: str, graph: str, spec: Spec, *, max_num: int, device: str) -> str:
+    dims = ", ".join(str(d) for d in spec.outputs[-1].shape[1:])
+    kind = "KIND_GPU" if device.startswith("cuda") else "KIND_CPU"
+    params = {"graph": graph, "checkpoint": "checkpoint.safetensors", "what": spec.what,
+              "sampler": spec.sampler, "steps": str(spec.steps), "max_num": str(max_num)}
+    ptext = "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}'
+                      for k, v in params.items())
+    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+            f'input [\n  {{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] }},\n'
+            f'  {{ name: "num" data_type: TYPE_INT64 dims: [ 1 ] optional: true }}\n]\n'
+            f'output [\n  {{ name: "samples" data_type: TYPE_FP32 dims: [ -1, {dims} ] }}\n]\n'
+            f"{ptext}\n"
+            # Several instances, so that concurrent requests reach the graph's batcher together.
+            f"instance_group [ {{ count: 4 kind: {kind} }} ]\n")
+
+
+def write_front(repo: Path, spec: Spec, card, checkpoint, *, hi: int, device: str) -> str:
+    """The front model directory (config.pbtxt, 1/model.py, 1/checkpoint.safetensors)."""
+    import shutil
+    name = front_name(card.dataset, spec.family)
+    d = repo / name
+    (d / "1").mkdir(parents=True)
+    (d / "config.pbtxt").write_text(front_config_text(name, model_name(spec), spec,
+                                                      max_num=hi, device=device))
+    shutil.copyfile(Path(__file__).parent / "triton_front" / "model.py", d / "1" / "model.py")
+    shutil.copyfile(checkpoint, d / "1" / "checkpoint.safetensors")
+    return name
 
 
 def model_name(spec: Spec, backend: str = "onnxruntime") -> str:

@@ -24,6 +24,7 @@ from fastsample.nets import (Discriminator, DiscriminatorConfig, MLPConfig, Time
 from fastsample.sde import ddgan_schedule
 from fastsample.models.registry import ExportPart, IOTensor, card_dict
 from fastsample.samplers import plan as plans
+from fastsample.samplers import ddgan as sd
 
 SAMPLERS = ("posterior",)
 ARCHS = ("unet", "mlp")
@@ -443,9 +444,12 @@ class GeneratorGraph(nn.Module):
 
 
 class SamplerGraph(nn.Module):
-    """(x_T, z (T,N,z_dim), noise (T,N,...)) -> (x0, samples): the whole posterior plan with
-    its float64 constants baked in, in the plan loop's arithmetic (x <- c1 x + c0 x0' + sigma n,
-    the affine1 twin's order) written out of place, so that it traces into one graph."""
+    """(x_T (N,...), z (N,T,z_dim), noise (N,T,...)) -> (x0, samples): the whole posterior plan
+    with its float64 constants baked in, in the plan loop's arithmetic (x <- c1 x + c0 x0' +
+    sigma n, the affine1 twin's order) written out of place, so that it traces into one graph.
+    Every input is batch-first so that a server (Triton's dynamic batcher, fastsample serve)
+    can concatenate requests along axis 0; row k reads z[:, k] and noise[:, k] (zeros where
+    sigma = 0)."""
 
     def __init__(self, model, table):
         super().__init__()
@@ -457,10 +461,10 @@ class SamplerGraph(nn.Module):
         x = x_T
         for k, (i, c0, c1, sigma) in enumerate(self.rows):
             t = x.new_full((x.shape[0],), i)
-            x0 = self.model.denoise(x, z[k], t)
+            x0 = self.model.denoise(x, z[:, k], t)
             x = c1 * x + c0 * x0
             if sigma:
-                x = x + sigma * noise[k]
+                x = x + sigma * noise[:, k]
         return x, plans.apply_postprocess(self.post, x)
 
 
@@ -481,14 +485,22 @@ def _export_sampler(model, table) -> ExportPart:
     level = 1 / 16 if table.header["postprocess"][0] == "quantize17" else 0.0
 
     def draw(n, g):
-        return (torch.randn(n, *shape, generator=g), torch.randn(T, n, zd, generator=g),
-                torch.randn(T, n, *shape, generator=g))
+        return (torch.randn(n, *shape, generator=g), torch.randn(n, T, zd, generator=g),
+                torch.randn(n, T, *shape, generator=g))
+
+    def feed(seed: int, num: int):
+        x_T, z = sd.prior(model, num, seed, "cpu")
+        # The CPU twins' posterior noise of one batch of `num` (offset 0), row k at axis 1.
+        noise = torch.stack([r[0] if r else torch.zeros_like(x_T)
+                             for r in plans.twin_noise(table, seed, x_T)], dim=1)
+        return x_T, z.contiguous(), noise
     return ExportPart(SamplerGraph(model, table),
-                      [IOTensor("x_T", ("batch", *shape)), IOTensor("z", (T, "batch", zd)),
-                       IOTensor("noise", (T, "batch", *shape))],
+                      [IOTensor("x_T", ("batch", *shape)), IOTensor("z", ("batch", T, zd)),
+                       IOTensor("noise", ("batch", T, *shape))],
                       [IOTensor("x0", ("batch", *shape)),
                        IOTensor("samples", ("batch", *shape), level=level)],
-                      table, "posterior", T, draw, "x_T, z, noise ~ N(0, I)", calls=T)
+                      table, "posterior", T, draw, "x_T, z, noise ~ N(0, I)", calls=T,
+                      feed=feed)
 
 
 EXPORTS = {"generator": _export_generator, "sampler": _export_sampler}

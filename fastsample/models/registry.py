@@ -69,6 +69,11 @@ class ExportPart:
     inputs_doc: str           # how the parity inputs are drawn (for the manifest)
     extra: dict = field(default_factory=dict)
     calls: int = 1            # network evaluations in the graph (scales the parity tolerance)
+    # A whole-sampler export only: feed(seed, num) -> the graph's inputs (float32, batch-first)
+    # drawn exactly as `fastsample sample --seed seed --num num` draws them, so the graph's
+    # `samples` output is that command's samples (a server computes them per request; since
+    # they depend on (seed, num) only, requests can be concatenated on axis 0).
+    feed: Callable | None = None
 
 
 def card_dict(card) -> dict:

@@ -202,8 +202,9 @@ void Manifest::check_schedule(const Schedule& s) const {
     check(inputs, {{"x_t", with({B}, ds)}, {"z", {B, s.z_dim}}, {"t", {B}}}, "inputs");
     check(outputs, {{"x0", with({B}, ds)}}, "outputs");
   } else if (family == "ddgan") {
-    check(inputs, {{"x_T", with({B}, ds)}, {"z", {s.nfe, B, s.z_dim}},
-                   {"noise", with({s.nfe, B}, ds)}}, "inputs");
+    // The whole-sampler graph is batch-first (servers concatenate requests on axis 0).
+    check(inputs, {{"x_T", with({B}, ds)}, {"z", {B, s.nfe, s.z_dim}},
+                   {"noise", with({B, s.nfe}, ds)}}, "inputs");
     check(outputs, {{"x0", with({B}, ds)}, {"samples", with({B}, ds)}}, "outputs");
   } else {
     check(inputs, {{"x", with({B}, ds)}, {"v", with({B}, ds)}, {"t", {B}}}, "inputs");

@@ -226,14 +226,16 @@ at::Tensor Sampler::run(const Noise& noise, int64_t start, int64_t count) {
   };
   auto opt = at::TensorOptions().dtype(at::kFloat).device(device_);
   if (whole_graph()) {
-    // ddgan --what sampler: (x_T, z (T, n, z_dim), noise (T, n, ...)) -> (x0, samples). The
-    // graph reads noise[k] for every row; rows that draw none (sigma = 0) get zeros.
+    // ddgan --what sampler: (x_T (n, ...), z (n, T, z_dim), noise (n, T, ...)) -> (x0,
+    // samples), batch-first so that servers can concatenate requests; the noise files keep the
+    // loop's (T, N, ...) order, so z is transposed here. The graph reads noise[:, k] for every
+    // row; rows that draw none (sigma = 0) get zeros.
     const auto T = static_cast<int64_t>(s.rows.size());
-    auto z = noise.z.narrow(1, start, count).to(device_, at::kFloat).contiguous();
-    auto nz = at::zeros(cat_shape({T, count}, s.data_shape), opt);
+    auto z = noise.z.narrow(1, start, count).transpose(0, 1).to(device_, at::kFloat).contiguous();
+    auto nz = at::zeros(cat_shape({count, T}, s.data_shape), opt);
     int64_t d = 0;
     for (int64_t k = 0; k < T; ++k)
-      if (draws[static_cast<size_t>(k)]) nz[k].copy_(on_dev(noise.noise[d++]));
+      if (draws[static_cast<size_t>(k)]) nz.select(1, k).copy_(on_dev(noise.noise[d++]));
     return call_net({on_dev(noise.x_T), z, nz}, count)[0];
   }
   // Time inputs built before the loop: the loop itself allocates only net outputs.

@@ -151,17 +151,19 @@ def make_ddgan(out: Path, num: int) -> None:
     expected = _expected(tab, m.denoise, aoti, x_T, noise, z=z)
     noise_files = {"x_T": x_T, "z": z, "noise": _flat_noise(noise, x_T)}
     _write_case(case, tab, case / "model.pt2", noise_files, expected, man)
-    # --what sampler: the whole loop as one graph, fed the same draws; noise (T, N, ...) holds
-    # each row's draw (zeros where sigma = 0, a row the graph reads but does not use).
+    # --what sampler: the whole loop as one graph, fed the same draws batch-first; noise
+    # (N, T, ...) holds each row's draw (zeros where sigma = 0, a row the graph reads but does
+    # not use).
     case = out / "ddgan-sampler"
     case.mkdir(parents=True, exist_ok=True)
     man = export_model_pt2(DDGAN_CKPT, "sampler", case / "model.pt2")
     graph = torch._inductor.aoti_load_package(str(case / "model.pt2"))
-    full = torch.stack([row[0] if row else torch.zeros_like(x_T) for row in noise])
+    full = torch.stack([row[0] if row else torch.zeros_like(x_T) for row in noise], dim=1)
+    zb = z.transpose(0, 1)
 
     def whole(sl):
         with torch.no_grad():
-            x0, samples = graph(x_T[sl], z[:, sl].contiguous(), full[:, sl].contiguous())
+            x0, samples = graph(x_T[sl], zb[sl].contiguous(), full[sl].contiguous())
         if not torch.equal(samples, postprocess(tab, x0)):
             sys.exit("make_fixture: the sampler graph's samples are not postprocess(x0)")
         return x0

@@ -1,0 +1,3 @@
+from fastsample.serve.command import main
+
+raise SystemExit(main())
