@@ -135,7 +135,7 @@ def default_config(data) -> Config:
 #-----------------------------------------------------------------------------------------------
 # Model: the net plus the CLD scalars a sampler needs.
 
-def _build_net(net_kind: str, cfg) -> nn.Module:
+def build_net(net_kind: str, cfg) -> nn.Module:
     return UNet(cfg) if net_kind == "unet" else TimeMLP(cfg)
 
 
@@ -155,7 +155,7 @@ class Model(nn.Module):
         self.mixed_score = config.mixed_score
         self.data_shape = config.data_shape
         self.is_image = len(config.data_shape) == 3
-        self.net = net if net is not None else _build_net(config.net, config.net_config())
+        self.net = net if net is not None else build_net(config.net, config.net_config())
 
     def alpha(self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # Images: x and v stacked on channels (2C); points: concatenated features (2d).
@@ -182,20 +182,29 @@ class Model(nn.Module):
         """Rebuild from exactly the card: `config` is the Config, net_config["net"] the net."""
         card = upgrade_card(card_dict(card))
         config = Config.from_dict(card["config"])
-        net_cfg = dict(card["net_config"]["net"])
-        kind = net_cfg.pop("kind", None)
-        if kind != config.net:
-            raise ValueError(f"cld card: net_config kind {kind!r} does not match the config's "
-                             f"net {config.net!r}")
-        cfg_cls = UNetConfig if kind == "unet" else MLPConfig
-        net_cfg = cfg_cls.from_dict({k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in net_cfg.items()})
-        model = cls(config, net=_build_net(kind, net_cfg))
-        missing, unexpected = model.net.load_state_dict(state_dict, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"cld checkpoint does not fit its card's net: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        model = cls(config, net=net_from_card(config, card["net_config"]["net"], "cld"))
+        load_net(model.net, state_dict, "cld")
         return model
+
+
+def net_from_card(config: Config, net_card: dict, family: str) -> nn.Module:
+    """The score net a card's net_config["net"] describes (its kind must match the config)."""
+    net_cfg = dict(net_card)
+    kind = net_cfg.pop("kind", None)
+    if kind != config.net:
+        raise ValueError(f"{family} card: net_config kind {kind!r} does not match the config's "
+                         f"net {config.net!r}")
+    cfg_cls = UNetConfig if kind == "unet" else MLPConfig
+    net_cfg = cfg_cls.from_dict({k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in net_cfg.items()})
+    return build_net(kind, net_cfg)
+
+
+def load_net(net: nn.Module, state_dict: dict, family: str) -> None:
+    missing, unexpected = net.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{family} checkpoint does not fit its card's net: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
 
 
 #-----------------------------------------------------------------------------------------------
@@ -204,7 +213,7 @@ class Model(nn.Module):
 _SDE_KEYS = ("Minv", "beta0", "beta1", "gamma", "numerical_eps", "sampling_eps", "mixed_score")
 
 
-def _sde_info(config: dict) -> dict:
+def sde_info(config: dict) -> dict:
     return {"kind": "cld", **{k: config[k] for k in _SDE_KEYS if k in config}}
 
 
@@ -220,7 +229,7 @@ def upgrade_card(card: dict) -> dict:
         raise ValueError(f"cld checkpoint card (format 1) lacks {e}; expected the Config as "
                          f"sde_config") from None
     return {**card, "config": config, "data_shape": shape, "net_config": {"net": net},
-            "sde_config": _sde_info(config), "format_version": 2}
+            "sde_config": sde_info(config), "format_version": 2}
 
 
 def hsm_loss(net: nn.Module, cld: CLD, x0: torch.Tensor, t: torch.Tensor, eps_x: torch.Tensor,
@@ -247,6 +256,25 @@ def hsm_loss(net: nn.Module, cld: CLD, x0: torch.Tensor, t: torch.Tensor, eps_x:
         return err * g * (ell ** 2).float()         # likelihood: (s + ell eps_v)^2 Gamma beta
 
 
+def hsm_step(ctx, cfg: Config, cld: CLD, opt: torch.optim.Optimizer, x0: torch.Tensor,
+             step: int) -> torch.Tensor:
+    """One HSM update of the optimiser group "net" on model-space data x0; `step` (1, 2, ...)
+    drives the linear lr warm-up. Returns the detached loss."""
+    N = x0.shape[0]
+    eps_l = cfg.loss_eps
+    t = eps_l + (1.0 - eps_l) * ctx.rand(N, dtype=torch.float64)
+    eps_x = ctx.randn(*x0.shape)
+    eps_v = ctx.randn(*x0.shape)
+    loss = hsm_loss(ctx.m("net"), cld, x0, t, eps_x, eps_v, cfg.mixed_score,
+                    cfg.weighting).mean()
+    # Warm-up from the step counter (not a scheduler object) so exact resume needs no state.
+    scale = min(1.0, step / cfg.warmup) if cfg.warmup else 1.0
+    for group in opt.param_groups:
+        group["lr"] = cfg.lr * scale
+    ctx.optimize("net", loss)
+    return loss.detach()
+
+
 class Family:
     """The training-loop protocol (fastsample.train.loop.Family) for CLD."""
 
@@ -262,28 +290,15 @@ class Family:
         self.is_image = data.kind == "image"
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"net": _build_net(self.config.net, self.config.net_config())}
+        return {"net": build_net(self.config.net, self.config.net_config())}
 
     def optimizers(self, modules):
         self._opt = torch.optim.Adam(modules["net"].parameters(), lr=self.config.lr)
         return {"net": self._opt}
 
     def step(self, ctx, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        cfg = self.config
         x0 = 2 * batch - 1 if self.is_image else batch
-        N = x0.shape[0]
-        eps_l = cfg.loss_eps
-        t = eps_l + (1.0 - eps_l) * ctx.rand(N, dtype=torch.float64)
-        eps_x = ctx.randn(*x0.shape)
-        eps_v = ctx.randn(*x0.shape)
-        loss = hsm_loss(ctx.m("net"), self.cld, x0, t, eps_x, eps_v, cfg.mixed_score,
-                        cfg.weighting).mean()
-        # Warm-up from ctx.step (not a scheduler object) so exact resume needs no extra state.
-        scale = min(1.0, ctx.step / cfg.warmup) if cfg.warmup else 1.0
-        for group in self._opt.param_groups:
-            group["lr"] = cfg.lr * scale
-        ctx.optimize("net", loss)
-        return {"loss": loss.detach()}
+        return {"loss": hsm_step(ctx, self.config, self.cld, self._opt, x0, ctx.step)}
 
     def card(self) -> dict:
         net_cfg = self.config.net_config()
@@ -291,7 +306,7 @@ class Family:
         return {"dataset": self.data.name, "config": config,
                 "data_shape": list(self.config.data_shape),
                 "net_config": {"net": {"kind": self.config.net, **net_cfg.to_dict()}},
-                "sde_config": _sde_info(config)}
+                "sde_config": sde_info(config)}
 
     def evaluate(self, ema_modules: dict[str, nn.Module]) -> dict:
         """Metrics of eval_samples SSCS-QS samples at eval_nfe from the EMA net."""

@@ -27,7 +27,8 @@ from fastsample.samplers import plan as plans
 
 SAMPLERS = ("posterior",)
 ARCHS = ("unet", "mlp")
-_UNET_PRESET_BY_RESOLUTION = {8: "digits8", 32: "img32", 64: "img64"}
+# 4: a 4x4 latent (latent DDGAN's G).
+_UNET_PRESET_BY_RESOLUTION = {4: "latent4", 8: "digits8", 32: "img32", 64: "img64"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,9 +305,12 @@ class Family:
         return x_prev, x_i
 
     def step(self, ctx, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.gan_step(ctx, to_model(batch, self.kind))
+
+    def gan_step(self, ctx, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One D update (with lazy R1) and one G update on model-space data x0."""
         c = self.cfg
         self._set_lr(ctx)
-        x0 = to_model(batch, self.kind)
         N = x0.shape[0]
         G, D = ctx.m("generator"), ctx.m("discriminator")
 
