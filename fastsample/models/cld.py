@@ -28,6 +28,7 @@ from fastsample.nets import MLPConfig, TimeMLP, UNet, UNetConfig
 from fastsample.nets.layers import config_from_dict
 from fastsample.sde import CLD, CLDConfig
 from fastsample.models.registry import ExportPart, IOTensor, card_dict
+from fastsample.samplers import plan as plans
 
 SAMPLERS = ("sscs", "em", "ode")
 NETS = ("unet", "mlp")
@@ -334,6 +335,56 @@ class ScoreGraph(nn.Module):
 
     def forward(self, x, v, t):
         return self.model.alpha(x, v, t)
+
+
+class PlanGraph(nn.Module):
+    """(x_T, v_T, noise (R, 2, N, ...)) -> (x0, samples): a whole affine2 plan (SSCS, EM, the
+    denoising row) with its float64 constants baked in, in the affine2 twin's arithmetic
+    (kernels/affine.py) written out of place so that it traces into one graph; noise[k] holds
+    (n0, n1) of the k-th row that draws noise. decode=True (a latent model): samples =
+    postprocess(model.decode(x0)), the decoder step."""
+
+    def __init__(self, model, table, decode: bool = False):
+        super().__init__()
+        self.model, self.decode = model, decode
+        self.rows = [tuple(r) for r in table.rows]
+        self.post = table.header["postprocess"][0]
+
+    def forward(self, x_T, v_T, noise):
+        x, v, d = x_T, v_T, 0
+        for net_on, t, k_v, k_a, T_xx, T_xv, T_vx, T_vv, K11, K21, K22, D_xv in self.rows:
+            v_s = k_v * v
+            if net_on:
+                v_s = v_s + k_a * self.model.alpha(x, v, x.new_full((x.shape[0],), t))
+            x_new = T_xx * x + T_xv * v_s + D_xv * v
+            v_new = T_vx * x + T_vv * v_s
+            if K11 or K21 or K22:
+                x_new = x_new + K11 * noise[d, 0]
+                v_new = v_new + K21 * noise[d, 0] + K22 * noise[d, 1]
+                d += 1
+            x, v = x_new, v_new
+        return x, plans.apply_postprocess(self.post, self.model.decode(x) if self.decode else x)
+
+
+def plan_part(model, table, shape: tuple, latent: bool = False) -> ExportPart:
+    """A whole affine2 plan as one graph on states of `shape` (x_T ~ N(0, I), v_T ~ N(0, M I));
+    latent=True: a latent model's, ending with its decoder step."""
+    R = sum(1 for d in plans.noise_draws(table) if d)
+    level = 1 / 16 if table.header["postprocess"][0] == "quantize17" else 0.0
+    out, M = tuple(model.data_shape), model.cld.M
+
+    def draw(n, g):
+        return (torch.randn(n, *shape, generator=g),
+                torch.randn(n, *shape, generator=g) * M ** 0.5,
+                torch.randn(R, 2, n, *shape, generator=g))
+    return ExportPart(PlanGraph(model, table, decode=latent),
+                      [IOTensor("x_T", ("batch", *shape)), IOTensor("v_T", ("batch", *shape)),
+                       IOTensor("noise", (R, 2, "batch", *shape))],
+                      [IOTensor("x0", ("batch", *shape)),
+                       IOTensor("samples", ("batch", *out), level=level)],
+                      table, table.header["sampler"][0], int(table.header["nfe"][0]), draw,
+                      "x_T, noise ~ N(0, I); v_T ~ N(0, M I)",
+                      calls=plans.net_calls(table) + latent)
 
 
 def _export_score(model, table) -> ExportPart:

@@ -429,7 +429,8 @@ def _json_safe(d: dict) -> dict:
 
 
 __all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS", "grid25_modes",
-           "generator_config", "build_generator", "build_discriminator", "schedule_of"]
+           "generator_config", "build_generator", "build_discriminator", "schedule_of",
+           "SamplerGraph", "sampler_part"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,11 +450,12 @@ class GeneratorGraph(nn.Module):
 class SamplerGraph(nn.Module):
     """(x_T, z (T,N,z_dim), noise (T,N,...)) -> (x0, samples): the whole posterior plan with
     its float64 constants baked in, in the plan loop's arithmetic (x <- c1 x + c0 x0' + sigma n,
-    the affine1 twin's order) written out of place, so that it traces into one graph."""
+    the affine1 twin's order) written out of place, so that it traces into one graph.
+    decode=True (a latent model): samples = postprocess(model.decode(x0)), the decoder step."""
 
-    def __init__(self, model, table):
+    def __init__(self, model, table, decode: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.decode = model, decode
         self.rows = [tuple(r) for r in table.rows]
         self.post = table.header["postprocess"][0]
 
@@ -465,7 +467,7 @@ class SamplerGraph(nn.Module):
             x = c1 * x + c0 * x0
             if sigma:
                 x = x + sigma * noise[k]
-        return x, plans.apply_postprocess(self.post, x)
+        return x, plans.apply_postprocess(self.post, self.model.decode(x) if self.decode else x)
 
 
 def _export_generator(model, table) -> ExportPart:
@@ -481,18 +483,26 @@ def _export_generator(model, table) -> ExportPart:
 
 
 def _export_sampler(model, table) -> ExportPart:
-    shape, zd, T = tuple(model.data_shape), model.z_dim, model.T
+    return sampler_part(model, table, tuple(model.data_shape))
+
+
+def sampler_part(model, table, shape: tuple, latent: bool = False) -> ExportPart:
+    """The whole posterior plan as one graph on states of `shape`; latent=True: a latent
+    model's, ending with its decoder step (samples in data_shape, x0 the latent)."""
+    zd, T = model.z_dim, model.T
     level = 1 / 16 if table.header["postprocess"][0] == "quantize17" else 0.0
+    out = tuple(model.data_shape)
 
     def draw(n, g):
         return (torch.randn(n, *shape, generator=g), torch.randn(T, n, zd, generator=g),
                 torch.randn(T, n, *shape, generator=g))
-    return ExportPart(SamplerGraph(model, table),
+    return ExportPart(SamplerGraph(model, table, decode=latent),
                       [IOTensor("x_T", ("batch", *shape)), IOTensor("z", (T, "batch", zd)),
                        IOTensor("noise", (T, "batch", *shape))],
                       [IOTensor("x0", ("batch", *shape)),
-                       IOTensor("samples", ("batch", *shape), level=level)],
-                      table, "posterior", T, draw, "x_T, z, noise ~ N(0, I)", calls=T)
+                       IOTensor("samples", ("batch", *out), level=level)],
+                      table, "posterior", T, draw, "x_T, z, noise ~ N(0, I)",
+                      calls=T + latent)
 
 
 EXPORTS = {"generator": _export_generator, "sampler": _export_sampler}

@@ -31,9 +31,8 @@ import torch
 from torch import nn
 
 from fastsample.models import cld, latent, lsgm
-from fastsample.models.registry import ExportPart, IOTensor, card_dict
+from fastsample.models.registry import ExportPart, card_dict
 from fastsample.sde import CLD
-from fastsample.samplers import plan as plans
 
 FAMILY = "latent-cld"
 SAMPLERS = ("sscs", "em", "ode")
@@ -153,3 +152,14 @@ class Family:
                                 seed=0, device=device)
         return {**{k: float(v) for k, v in metrics.evaluate(x.cpu(), self.data.name).items()},
                 "nfe": nfe}
+
+
+# ---------------------------------------------------------------------------------------------
+# What a latent CLD exports (registry: EXPORTS): the whole sampler with the decoder step.
+
+def _export_sampler(model, table) -> ExportPart:
+    """(z_T, v_T, noise) -> (z_0, samples): the latent SSCS/EM plan and the decoder, one graph."""
+    return cld.plan_part(model, table, tuple(model.latent_shape), latent=True)
+
+
+EXPORTS = {"sampler": _export_sampler}

@@ -125,3 +125,14 @@ class Family(ddgan.Family):
                                 device=device)
         return {**{k: float(v) for k, v in metrics.evaluate(x.cpu(), self.data.name).items()},
                 "nfe": nfe}
+
+
+# ---------------------------------------------------------------------------------------------
+# What a latent DDGAN exports (registry: EXPORTS): the whole sampler with the decoder step.
+
+def _export_sampler(model, table):
+    """(z_T, z, noise) -> (z_0, samples): the latent posterior plan and the decoder, one graph."""
+    return ddgan.sampler_part(model, table, tuple(model.latent_shape), latent=True)
+
+
+EXPORTS = {"sampler": _export_sampler}
