@@ -108,6 +108,16 @@ class IdentityVAE(nn.Module):
         return x.float()
 
 
+class DecoderStep:
+    """A latent Model's decoder step and data map, both the VAE's (mixed into the Models)."""
+
+    def decode(self, z0: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        return self.vae.decode(z0, mode)
+
+    def to_data(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.to_data(x)
+
+
 def vae_modules(cfg: VAEFields) -> dict:
     """The training run's encoder and decoder: fresh, or loaded from cfg.vae_init."""
     vae_cfg = lsgm.vae_config(cfg)
@@ -151,13 +161,7 @@ def encode_latents(ctx, batch: torch.Tensor) -> torch.Tensor:
 def load_vae(vae: VAE, state_dict: dict, family: str, prior_keys: str) -> dict:
     """Load encoder./decoder. weights into `vae`; returns the rest (the prior's), keyed without
     `prior_keys.`. A key under neither is refused."""
-    parts = {"encoder": {}, "decoder": {}, prior_keys: {}}
-    for k, v in state_dict.items():
-        head, _, rest = k.partition(".")
-        if head not in parts or not rest:
-            raise ValueError(f"{family} checkpoint: unexpected weight {k!r}; keys must start "
-                             f"with encoder., decoder. or {prior_keys}.")
-        parts[head][rest] = v
+    parts = lsgm.split_state(state_dict, family, ("encoder", "decoder", prior_keys))
     vae.encoder.load_state_dict(parts["encoder"])
     vae.decoder.load_state_dict(parts["decoder"])
     return parts[prior_keys]

@@ -56,7 +56,7 @@ def default_config(data) -> Config:
                   train_steps=8000, batch_size=64, ema_decay=0.999, eval_nfe=20)
 
 
-class Model(nn.Module):
+class Model(latent.DecoderStep, nn.Module):
     """A latent CLD ready for sampling: alpha(z, v, t) on latents (N, *latent_shape), t (N,)
     forward time; decode(z_0) -> model space [-1, 1]; to_data -> the data grid. vae: the VAE
     (latent.VAE) or, in tests, latent.IdentityVAE."""
@@ -81,12 +81,6 @@ class Model(nn.Module):
         return self.net(torch.cat([z, v], dim=1), t)
 
     forward = alpha
-
-    def decode(self, z0: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        return self.vae.decode(z0, mode)
-
-    def to_data(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.to_data(x)
 
     @classmethod
     def from_checkpoint(cls, state_dict: dict, card) -> "Model":

@@ -42,7 +42,7 @@ def default_config(data) -> Config:
     return Config(arch="unet")
 
 
-class Model(ddgan.Model):
+class Model(latent.DecoderStep, ddgan.Model):
     """A latent DDGAN ready for sampling: denoise(x_i, z, i) on latents (N, *latent_shape);
     decode(z_0) -> model space [-1, 1]; to_data -> the data grid. vae: the VAE (latent.VAE)
     or, in tests, latent.IdentityVAE (kind "points" with an MLP G)."""
@@ -56,12 +56,6 @@ class Model(ddgan.Model):
         self.vae = vae
         self.latent_shape = tuple(vae.latent_shape)
         self.data_shape = tuple(vae.data_shape)
-
-    def decode(self, z0: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        return self.vae.decode(z0, mode)
-
-    def to_data(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.to_data(x)
 
     @classmethod
     def from_checkpoint(cls, state_dict: dict, card) -> "Model":

@@ -308,6 +308,19 @@ def nelbo(encoder: nn.Module, decoder: nn.Module, prior: nn.Module, x: torch.Ten
     return out
 
 
+def split_state(state_dict: dict, family: str, heads: tuple) -> dict:
+    """A checkpoint's flat state dict as {head: its weights without the `head.` prefix}; a key
+    under no head is refused."""
+    parts = {h: {} for h in heads}
+    for k, v in state_dict.items():
+        head, _, rest = k.partition(".")
+        if head not in parts or not rest:
+            raise ValueError(f"{family} checkpoint: unexpected weight {k!r}; keys must start "
+                             f"with {', '.join(h + '.' for h in heads)}")
+        parts[head][rest] = v
+    return parts
+
+
 def decode_levels(decoder: nn.Module, z0: torch.Tensor, mode: str) -> torch.Tensor:
     """z_0 -> model space [-1, 1]: the bin centre (k + 1/2)/K of the chosen level k, mapped
     by 2y - 1, so to_data recovers k/16 exactly. mode: "mode" = argmax level, "mean" = the
@@ -401,13 +414,7 @@ class Model(nn.Module):
         except TypeError as e:
             raise ValueError(f"lsgm checkpoint card: config is not an lsgm Config ({e})") from None
         model = cls(cfg, dataset)
-        parts = {"encoder": {}, "decoder": {}, "prior": {}}
-        for k, v in state_dict.items():
-            head, _, rest = k.partition(".")
-            if head not in parts or not rest:
-                raise ValueError(f"lsgm checkpoint: unexpected weight {k!r}; keys must start with "
-                                 f"encoder., decoder. or prior.")
-            parts[head][rest] = v
+        parts = split_state(state_dict, "lsgm", ("encoder", "decoder", "prior"))
         for name, sd in parts.items():
             getattr(model, name).load_state_dict(sd)
         return model

@@ -163,10 +163,11 @@ void Manifest::check_schedule(const Schedule& s) const {
   if (family != s.family)
     throw Error(w + "family '" + family + "' but schedule.txt says '" + s.family + "'");
   const bool ok_what = (family == "ddgan" && (what == "generator" || what == "sampler")) ||
-                       (family == "cld" && what == "score");
+                       (family == "cld" && what == "score") ||
+                       (s.latent() && what == "sampler");
   if (!ok_what)
-    throw Error(w + "what '" + what + "'; this runtime runs ddgan generator|sampler and cld "
-                "score");
+    throw Error(w + "what '" + what + "'; this runtime runs ddgan generator|sampler, cld "
+                "score and latent-ddgan|latent-cld sampler");
   if (dtype != "fp32")
     throw Error(w + "dtype '" + dtype + "'; this runtime feeds float32 (export with --dtype "
                 "fp32)");
@@ -198,7 +199,16 @@ void Manifest::check_schedule(const Schedule& s) const {
     return head;
   };
   const auto& ds = s.data_shape;
-  if (family == "ddgan" && what == "generator") {
+  const auto& ls = s.state_shape();
+  if (s.latent() && s.kind == "ddgan") {
+    check(inputs, {{"x_T", with({B}, ls)}, {"z", {s.nfe, B, s.z_dim}},
+                   {"noise", with({s.nfe, B}, ls)}}, "inputs");
+    check(outputs, {{"x0", with({B}, ls)}, {"samples", with({B}, ds)}}, "outputs");
+  } else if (s.latent()) {
+    check(inputs, {{"x_T", with({B}, ls)}, {"v_T", with({B}, ls)},
+                   {"noise", with({s.total_draws() / 2, 2, B}, ls)}}, "inputs");
+    check(outputs, {{"x0", with({B}, ls)}, {"samples", with({B}, ds)}}, "outputs");
+  } else if (family == "ddgan" && what == "generator") {
     check(inputs, {{"x_t", with({B}, ds)}, {"z", {B, s.z_dim}}, {"t", {B}}}, "inputs");
     check(outputs, {{"x0", with({B}, ds)}}, "outputs");
   } else if (family == "ddgan") {
