@@ -25,12 +25,13 @@ RELEASED = ("ddgan:digits", "cld:digits", "lsgm:digits", "ddpm:digits",
             "latent-cld:digits", "latent-ddgan:digits")
 SEED = 0
 # The latent models train their prior on the released LSGM's VAE (frozen: no VAE stage), so
-# they come after it in RELEASED and share its encoder and decoder; steps and EMA fit the
-# prior alone into ~15 CPU minutes.
+# they come after it in RELEASED and share its encoder and decoder. The shipped ones were
+# trained in two legs on a shared 2-core CPU (their cards hold both commands): --steps 3000 /
+# 2500 stopped at 18 minutes, then --resume with the steps below, stopped at 40 minutes.
 _LATENT_PRIOR = ("--set", "vae_init=checkpoints/digits/lsgm.safetensors", "--set", "vae_steps=0",
                  "--ema", "0.995")
-RELEASE_ARGS = {"latent-cld:digits": _LATENT_PRIOR + ("--steps", "3000"),
-                "latent-ddgan:digits": _LATENT_PRIOR + ("--steps", "2500")}
+RELEASE_ARGS = {"latent-cld:digits": _LATENT_PRIOR + ("--steps", "6000"),
+                "latent-ddgan:digits": _LATENT_PRIOR + ("--steps", "4000")}
 
 
 def _dest(family: str, data: str, out: Path) -> Path:
