@@ -28,6 +28,7 @@ from fastsample.nets import MLPConfig, TimeMLP, UNet, UNetConfig
 from fastsample.nets.layers import config_from_dict
 from fastsample.sde import CLD, CLDConfig
 from fastsample.models.registry import ExportPart, IOTensor, card_dict
+from fastsample.samplers import plan as plans
 
 SAMPLERS = ("sscs", "em", "ode")
 NETS = ("unet", "mlp")
@@ -135,7 +136,7 @@ def default_config(data) -> Config:
 #-----------------------------------------------------------------------------------------------
 # Model: the net plus the CLD scalars a sampler needs.
 
-def _build_net(net_kind: str, cfg) -> nn.Module:
+def build_net(net_kind: str, cfg) -> nn.Module:
     return UNet(cfg) if net_kind == "unet" else TimeMLP(cfg)
 
 
@@ -155,7 +156,7 @@ class Model(nn.Module):
         self.mixed_score = config.mixed_score
         self.data_shape = config.data_shape
         self.is_image = len(config.data_shape) == 3
-        self.net = net if net is not None else _build_net(config.net, config.net_config())
+        self.net = net if net is not None else build_net(config.net, config.net_config())
 
     def alpha(self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # Images: x and v stacked on channels (2C); points: concatenated features (2d).
@@ -182,20 +183,29 @@ class Model(nn.Module):
         """Rebuild from exactly the card: `config` is the Config, net_config["net"] the net."""
         card = upgrade_card(card_dict(card))
         config = Config.from_dict(card["config"])
-        net_cfg = dict(card["net_config"]["net"])
-        kind = net_cfg.pop("kind", None)
-        if kind != config.net:
-            raise ValueError(f"cld card: net_config kind {kind!r} does not match the config's "
-                             f"net {config.net!r}")
-        cfg_cls = UNetConfig if kind == "unet" else MLPConfig
-        net_cfg = cfg_cls.from_dict({k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in net_cfg.items()})
-        model = cls(config, net=_build_net(kind, net_cfg))
-        missing, unexpected = model.net.load_state_dict(state_dict, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"cld checkpoint does not fit its card's net: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        model = cls(config, net=net_from_card(config, card["net_config"]["net"], "cld"))
+        load_net(model.net, state_dict, "cld")
         return model
+
+
+def net_from_card(config: Config, net_card: dict, family: str) -> nn.Module:
+    """The score net a card's net_config["net"] describes (its kind must match the config)."""
+    net_cfg = dict(net_card)
+    kind = net_cfg.pop("kind", None)
+    if kind != config.net:
+        raise ValueError(f"{family} card: net_config kind {kind!r} does not match the config's "
+                         f"net {config.net!r}")
+    cfg_cls = UNetConfig if kind == "unet" else MLPConfig
+    net_cfg = cfg_cls.from_dict({k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in net_cfg.items()})
+    return build_net(kind, net_cfg)
+
+
+def load_net(net: nn.Module, state_dict: dict, family: str) -> None:
+    missing, unexpected = net.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{family} checkpoint does not fit its card's net: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
 
 
 #-----------------------------------------------------------------------------------------------
@@ -204,7 +214,7 @@ class Model(nn.Module):
 _SDE_KEYS = ("Minv", "beta0", "beta1", "gamma", "numerical_eps", "sampling_eps", "mixed_score")
 
 
-def _sde_info(config: dict) -> dict:
+def sde_info(config: dict) -> dict:
     return {"kind": "cld", **{k: config[k] for k in _SDE_KEYS if k in config}}
 
 
@@ -220,7 +230,7 @@ def upgrade_card(card: dict) -> dict:
         raise ValueError(f"cld checkpoint card (format 1) lacks {e}; expected the Config as "
                          f"sde_config") from None
     return {**card, "config": config, "data_shape": shape, "net_config": {"net": net},
-            "sde_config": _sde_info(config), "format_version": 2}
+            "sde_config": sde_info(config), "format_version": 2}
 
 
 def hsm_loss(net: nn.Module, cld: CLD, x0: torch.Tensor, t: torch.Tensor, eps_x: torch.Tensor,
@@ -247,6 +257,25 @@ def hsm_loss(net: nn.Module, cld: CLD, x0: torch.Tensor, t: torch.Tensor, eps_x:
         return err * g * (ell ** 2).float()         # likelihood: (s + ell eps_v)^2 Gamma beta
 
 
+def hsm_step(ctx, cfg: Config, cld: CLD, opt: torch.optim.Optimizer, x0: torch.Tensor,
+             step: int) -> torch.Tensor:
+    """One HSM update of the optimiser group "net" on model-space data x0; `step` (1, 2, ...)
+    drives the linear lr warm-up. Returns the detached loss."""
+    N = x0.shape[0]
+    eps_l = cfg.loss_eps
+    t = eps_l + (1.0 - eps_l) * ctx.rand(N, dtype=torch.float64)
+    eps_x = ctx.randn(*x0.shape)
+    eps_v = ctx.randn(*x0.shape)
+    loss = hsm_loss(ctx.m("net"), cld, x0, t, eps_x, eps_v, cfg.mixed_score,
+                    cfg.weighting).mean()
+    # Warm-up from the step counter (not a scheduler object) so exact resume needs no state.
+    scale = min(1.0, step / cfg.warmup) if cfg.warmup else 1.0
+    for group in opt.param_groups:
+        group["lr"] = cfg.lr * scale
+    ctx.optimize("net", loss)
+    return loss.detach()
+
+
 class Family:
     """The training-loop protocol (fastsample.train.loop.Family) for CLD."""
 
@@ -262,28 +291,15 @@ class Family:
         self.is_image = data.kind == "image"
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"net": _build_net(self.config.net, self.config.net_config())}
+        return {"net": build_net(self.config.net, self.config.net_config())}
 
     def optimizers(self, modules):
         self._opt = torch.optim.Adam(modules["net"].parameters(), lr=self.config.lr)
         return {"net": self._opt}
 
     def step(self, ctx, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        cfg = self.config
         x0 = 2 * batch - 1 if self.is_image else batch
-        N = x0.shape[0]
-        eps_l = cfg.loss_eps
-        t = eps_l + (1.0 - eps_l) * ctx.rand(N, dtype=torch.float64)
-        eps_x = ctx.randn(*x0.shape)
-        eps_v = ctx.randn(*x0.shape)
-        loss = hsm_loss(ctx.m("net"), self.cld, x0, t, eps_x, eps_v, cfg.mixed_score,
-                        cfg.weighting).mean()
-        # Warm-up from ctx.step (not a scheduler object) so exact resume needs no extra state.
-        scale = min(1.0, ctx.step / cfg.warmup) if cfg.warmup else 1.0
-        for group in self._opt.param_groups:
-            group["lr"] = cfg.lr * scale
-        ctx.optimize("net", loss)
-        return {"loss": loss.detach()}
+        return {"loss": hsm_step(ctx, self.config, self.cld, self._opt, x0, ctx.step)}
 
     def card(self) -> dict:
         net_cfg = self.config.net_config()
@@ -291,7 +307,7 @@ class Family:
         return {"dataset": self.data.name, "config": config,
                 "data_shape": list(self.config.data_shape),
                 "net_config": {"net": {"kind": self.config.net, **net_cfg.to_dict()}},
-                "sde_config": _sde_info(config)}
+                "sde_config": sde_info(config)}
 
     def evaluate(self, ema_modules: dict[str, nn.Module]) -> dict:
         """Metrics of eval_samples SSCS-QS samples at eval_nfe from the EMA net."""
@@ -319,6 +335,57 @@ class ScoreGraph(nn.Module):
 
     def forward(self, x, v, t):
         return self.model.alpha(x, v, t)
+
+
+class PlanGraph(nn.Module):
+    """(x_T, v_T, noise (N, R, 2, ...)) -> (x0, samples): a whole affine2 plan (SSCS, EM, the
+    denoising row) with its float64 constants baked in, in the affine2 twin's arithmetic
+    (kernels/affine.py) written out of place so that it traces into one graph; noise[:, k]
+    holds (n0, n1) of the k-th row that draws noise, batch-first so that a server can
+    concatenate requests on axis 0. decode=True (a latent model): samples =
+    postprocess(model.decode(x0)), the decoder step."""
+
+    def __init__(self, model, table, decode: bool = False):
+        super().__init__()
+        self.model, self.decode = model, decode
+        self.rows = [tuple(r) for r in table.rows]
+        self.post = table.header["postprocess"][0]
+
+    def forward(self, x_T, v_T, noise):
+        x, v, d = x_T, v_T, 0
+        for net_on, t, k_v, k_a, T_xx, T_xv, T_vx, T_vv, K11, K21, K22, D_xv in self.rows:
+            v_s = k_v * v
+            if net_on:
+                v_s = v_s + k_a * self.model.alpha(x, v, x.new_full((x.shape[0],), t))
+            x_new = T_xx * x + T_xv * v_s + D_xv * v
+            v_new = T_vx * x + T_vv * v_s
+            if K11 or K21 or K22:
+                x_new = x_new + K11 * noise[:, d, 0]
+                v_new = v_new + K21 * noise[:, d, 0] + K22 * noise[:, d, 1]
+                d += 1
+            x, v = x_new, v_new
+        return x, plans.apply_postprocess(self.post, self.model.decode(x) if self.decode else x)
+
+
+def plan_part(model, table, shape: tuple, latent: bool = False) -> ExportPart:
+    """A whole affine2 plan as one graph on states of `shape` (x_T ~ N(0, I), v_T ~ N(0, M I));
+    latent=True: a latent model's, ending with its decoder step."""
+    R = sum(1 for d in plans.noise_draws(table) if d)
+    level = 1 / 16 if table.header["postprocess"][0] == "quantize17" else 0.0
+    out, M = tuple(model.data_shape), model.cld.M
+
+    def draw(n, g):
+        return (torch.randn(n, *shape, generator=g),
+                torch.randn(n, *shape, generator=g) * M ** 0.5,
+                torch.randn(n, R, 2, *shape, generator=g))
+    return ExportPart(PlanGraph(model, table, decode=latent),
+                      [IOTensor("x_T", ("batch", *shape)), IOTensor("v_T", ("batch", *shape)),
+                       IOTensor("noise", ("batch", R, 2, *shape))],
+                      [IOTensor("x0", ("batch", *shape)),
+                       IOTensor("samples", ("batch", *out), level=level)],
+                      table, table.header["sampler"][0], int(table.header["nfe"][0]), draw,
+                      "x_T, noise ~ N(0, I); v_T ~ N(0, M I)",
+                      calls=plans.net_calls(table) + latent)
 
 
 def _export_score(model, table) -> ExportPart:

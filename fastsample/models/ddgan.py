@@ -28,7 +28,8 @@ from fastsample.samplers import ddgan as sd
 
 SAMPLERS = ("posterior",)
 ARCHS = ("unet", "mlp")
-_UNET_PRESET_BY_RESOLUTION = {8: "digits8", 32: "img32", 64: "img64"}
+# 4: a 4x4 latent (latent DDGAN's G).
+_UNET_PRESET_BY_RESOLUTION = {4: "latent4", 8: "digits8", 32: "img32", 64: "img64"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,9 +306,12 @@ class Family:
         return x_prev, x_i
 
     def step(self, ctx, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.gan_step(ctx, to_model(batch, self.kind))
+
+    def gan_step(self, ctx, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One D update (with lazy R1) and one G update on model-space data x0."""
         c = self.cfg
         self._set_lr(ctx)
-        x0 = to_model(batch, self.kind)
         N = x0.shape[0]
         G, D = ctx.m("generator"), ctx.m("discriminator")
 
@@ -426,7 +430,8 @@ def _json_safe(d: dict) -> dict:
 
 
 __all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS", "grid25_modes",
-           "generator_config", "build_generator", "build_discriminator", "schedule_of"]
+           "generator_config", "build_generator", "build_discriminator", "schedule_of",
+           "SamplerGraph", "sampler_part"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,11 +454,12 @@ class SamplerGraph(nn.Module):
     sigma n, the affine1 twin's order) written out of place, so that it traces into one graph.
     Every input is batch-first so that a server (Triton's dynamic batcher, fastsample serve)
     can concatenate requests along axis 0; row k reads z[:, k] and noise[:, k] (zeros where
-    sigma = 0)."""
+    sigma = 0). decode=True (a latent model): samples = postprocess(model.decode(x0)), the
+    decoder step."""
 
-    def __init__(self, model, table):
+    def __init__(self, model, table, decode: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.decode = model, decode
         self.rows = [tuple(r) for r in table.rows]
         self.post = table.header["postprocess"][0]
 
@@ -465,7 +471,7 @@ class SamplerGraph(nn.Module):
             x = c1 * x + c0 * x0
             if sigma:
                 x = x + sigma * noise[:, k]
-        return x, plans.apply_postprocess(self.post, x)
+        return x, plans.apply_postprocess(self.post, self.model.decode(x) if self.decode else x)
 
 
 def _export_generator(model, table) -> ExportPart:
@@ -481,26 +487,33 @@ def _export_generator(model, table) -> ExportPart:
 
 
 def _export_sampler(model, table) -> ExportPart:
-    shape, zd, T = tuple(model.data_shape), model.z_dim, model.T
+    return sampler_part(model, table, tuple(model.data_shape))
+
+
+def sampler_part(model, table, shape: tuple, latent: bool = False) -> ExportPart:
+    """The whole posterior plan as one graph on states of `shape`; latent=True: a latent
+    model's, ending with its decoder step (samples in data_shape, x0 the latent)."""
+    zd, T = model.z_dim, model.T
     level = 1 / 16 if table.header["postprocess"][0] == "quantize17" else 0.0
+    out = tuple(model.data_shape)
 
     def draw(n, g):
         return (torch.randn(n, *shape, generator=g), torch.randn(n, T, zd, generator=g),
                 torch.randn(n, T, *shape, generator=g))
 
     def feed(seed: int, num: int):
-        x_T, z = sd.prior(model, num, seed, "cpu")
+        x_T, z = sd.prior_of_shape(model, shape, num, seed, "cpu")
         # The CPU twins' posterior noise of one batch of `num` (offset 0), row k at axis 1.
         noise = torch.stack([r[0] if r else torch.zeros_like(x_T)
                              for r in plans.twin_noise(table, seed, x_T)], dim=1)
         return x_T, z.contiguous(), noise
-    return ExportPart(SamplerGraph(model, table),
+    return ExportPart(SamplerGraph(model, table, decode=latent),
                       [IOTensor("x_T", ("batch", *shape)), IOTensor("z", ("batch", T, zd)),
                        IOTensor("noise", ("batch", T, *shape))],
                       [IOTensor("x0", ("batch", *shape)),
-                       IOTensor("samples", ("batch", *shape), level=level)],
-                      table, "posterior", T, draw, "x_T, z, noise ~ N(0, I)", calls=T,
-                      feed=feed)
+                       IOTensor("samples", ("batch", *out), level=level)],
+                      table, "posterior", T, draw, "x_T, z, noise ~ N(0, I)",
+                      calls=T + latent, feed=feed)
 
 
 EXPORTS = {"generator": _export_generator, "sampler": _export_sampler}

@@ -119,18 +119,19 @@ class Config:
 
 def default_config(data) -> Config:
     """Digits preset; the 2D toys are refused (see the module docstring)."""
-    _check_images(data)
+    check_images(data)
     return Config()
 
 
-def _check_images(data) -> None:
+def check_images(data, family: str = "lsgm") -> None:
+    """Refuse data a digits VAE cannot model (every latent family's check)."""
     if getattr(data, "kind", None) != "image":
-        raise ValueError(f"lsgm supports image data only (categorical VAE over grey levels); got "
+        raise ValueError(f"{family} supports image data only (categorical VAE over grey levels); got "
                          f"data set {getattr(data, 'name', data)!r} of kind "
                          f"{getattr(data, 'kind', '?')!r}. Use --model ddpm|cld|ddgan for 2D toys")
     shape = tuple(data.x.shape[1:])
     if shape != (1, 8, 8):
-        raise ValueError(f"lsgm is configured for 8x8 single-channel digits; got images of shape "
+        raise ValueError(f"{family} is configured for 8x8 single-channel digits; got images of shape "
                          f"{shape}")
 
 
@@ -307,6 +308,65 @@ def nelbo(encoder: nn.Module, decoder: nn.Module, prior: nn.Module, x: torch.Ten
     return out
 
 
+def split_state(state_dict: dict, family: str, heads: tuple) -> dict:
+    """A checkpoint's flat state dict as {head: its weights without the `head.` prefix}; a key
+    under no head is refused."""
+    parts = {h: {} for h in heads}
+    for k, v in state_dict.items():
+        head, _, rest = k.partition(".")
+        if head not in parts or not rest:
+            raise ValueError(f"{family} checkpoint: unexpected weight {k!r}; keys must start "
+                             f"with {', '.join(h + '.' for h in heads)}")
+        parts[head][rest] = v
+    return parts
+
+
+def decode_levels(decoder: nn.Module, z0: torch.Tensor, mode: str) -> torch.Tensor:
+    """z_0 -> model space [-1, 1]: the bin centre (k + 1/2)/K of the chosen level k, mapped
+    by 2y - 1, so to_data recovers k/16 exactly. mode: "mode" = argmax level, "mean" = the
+    categorical mean rounded to the nearest level. Shared by every latent family's decoder."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode {mode!r}; choose {'|'.join(DECODE_MODES)}")
+    logits = decoder(z0)
+    K = decoder.cfg.num_levels
+    if mode == "mode":
+        N, CK, H, W = logits.shape
+        k = logits.reshape(N, CK // K, K, H, W).argmax(dim=2).float()
+    else:
+        k = torch.round(decoder.mean(logits) * (K - 1))
+    y = (k + 0.5) / K
+    return 2 * y - 1
+
+
+def kl_coeff(cfg, step: int) -> float:
+    """Linear KL warm-up over the first kl_warmup_frac of stage 1 (cfg.vae_steps), then 1."""
+    n = cfg.kl_warmup_frac * cfg.vae_steps
+    if n <= 0 or step >= n:
+        return 1.0
+    return cfg.kl_min_coeff + (1 - cfg.kl_min_coeff) * step / n
+
+
+def encode_sample(ctx, x: torch.Tensor):
+    """The encoder's (mu, log_s), a reparameterised z_0 ~ q(z_0 | x) and the decoder's
+    reconstruction NLL per image (N,), from the loop's modules "encoder" and "decoder"."""
+    enc, dec = ctx.m("encoder"), ctx.m("decoder")
+    mu, log_s = enc(x)
+    z0 = mu + torch.exp(log_s) * ctx.randn(*mu.shape)
+    recon = -dec.log_prob(dec(z0), x)
+    return mu, log_s, z0, recon
+
+
+def normal_prior_step(ctx, cfg, mu: torch.Tensor, log_s: torch.Tensor,
+                      recon: torch.Tensor, n_dims: int) -> dict:
+    """Stage 1 (lsgm.md sec. 4): the VAE with a N(0, I) prior, closed-form KL with the warm-up,
+    one update of the optimiser group "vae"."""
+    kl = kl_normal(mu, log_s)
+    loss = (recon + kl_coeff(cfg, ctx.step) * kl).mean() / n_dims
+    ctx.optimize("vae", loss)
+    return {"loss_vae": loss.detach(),
+            "nelbo_bpd": bits_per_dim((recon + kl).mean(), n_dims).detach()}
+
+
 # ---------------------------------------------------------------------------------------------
 # The released model: EMA encoder, decoder and prior.
 
@@ -339,18 +399,7 @@ class Model(nn.Module):
         """z_0 -> model space [-1, 1]: the bin centre (k + 1/2)/17 of the chosen level k, mapped
         by 2y - 1, so to_data recovers k/16 exactly. mode: "mode" = argmax level, "mean" = the
         categorical mean rounded to the nearest level."""
-        mode = mode or self.cfg.decode
-        if mode not in DECODE_MODES:
-            raise ValueError(f"decode mode {mode!r}; choose {'|'.join(DECODE_MODES)}")
-        logits = self.decoder(z0)
-        K = self.vae_cfg.num_levels
-        if mode == "mode":
-            N, CK, H, W = logits.shape
-            k = logits.reshape(N, CK // K, K, H, W).argmax(dim=2).float()
-        else:
-            k = torch.round(self.decoder.mean(logits) * (K - 1))
-        y = (k + 0.5) / K
-        return 2 * y - 1
+        return decode_levels(self.decoder, z0, mode or self.cfg.decode)
 
     def to_data(self, x: torch.Tensor) -> torch.Tensor:
         from fastsample.data import quantize_digits
@@ -365,13 +414,7 @@ class Model(nn.Module):
         except TypeError as e:
             raise ValueError(f"lsgm checkpoint card: config is not an lsgm Config ({e})") from None
         model = cls(cfg, dataset)
-        parts = {"encoder": {}, "decoder": {}, "prior": {}}
-        for k, v in state_dict.items():
-            head, _, rest = k.partition(".")
-            if head not in parts or not rest:
-                raise ValueError(f"lsgm checkpoint: unexpected weight {k!r}; keys must start with "
-                                 f"encoder., decoder. or prior.")
-            parts[head][rest] = v
+        parts = split_state(state_dict, "lsgm", ("encoder", "decoder", "prior"))
         for name, sd in parts.items():
             getattr(model, name).load_state_dict(sd)
         return model
@@ -387,7 +430,7 @@ class Family:
     released = ("encoder", "decoder", "prior")
 
     def __init__(self, data, config: Config):
-        _check_images(data)
+        check_images(data)
         self.data, self.cfg = data, config
         self.vae_cfg = vae_config(config)
         self.sde = sde_of(config)
@@ -402,26 +445,14 @@ class Family:
                 "prior": torch.optim.Adam(modules["prior"].parameters(), lr=self.cfg.lr_prior)}
 
     def kl_coeff(self, step: int) -> float:
-        """Linear KL warm-up over the first kl_warmup_frac of stage 1, then 1."""
-        n = self.cfg.kl_warmup_frac * self.cfg.vae_steps
-        if n <= 0 or step >= n:
-            return 1.0
-        return self.cfg.kl_min_coeff + (1 - self.cfg.kl_min_coeff) * step / n
+        return kl_coeff(self.cfg, step)
 
     def step(self, ctx, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         x = to_levels01(batch)  # (N, 1, 8, 8) on the level grid
         n, n_dims = x.shape[0], x[0].numel()
-        enc, dec = ctx.m("encoder"), ctx.m("decoder")
-        mu, log_s = enc(x)
-        z0 = mu + torch.exp(log_s) * ctx.randn(*mu.shape)
-        recon = -dec.log_prob(dec(z0), x)
+        mu, log_s, z0, recon = encode_sample(ctx, x)
         if ctx.step <= self.cfg.vae_steps:
-            # Stage 1: Normal prior, closed-form KL with warm-up.
-            kl = kl_normal(mu, log_s)
-            loss = (recon + self.kl_coeff(ctx.step) * kl).mean() / n_dims
-            ctx.optimize("vae", loss)
-            out = {"loss_vae": loss.detach(),
-                   "nelbo_bpd": bits_per_dim((recon + kl).mean(), n_dims).detach()}
+            out = normal_prior_step(ctx, self.cfg, mu, log_s, recon, n_dims)
             if self.cfg.prior_in_stage1:
                 out["loss_prior"] = self._prior_step(ctx, z0)
             return out
@@ -506,6 +537,7 @@ def _json_safe(d: dict) -> dict:
 
 
 __all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS", "MixedScorePrior",
+           "decode_levels", "kl_coeff", "encode_sample", "normal_prior_step", "check_images",
            "build_prior", "cross_entropy", "is_proposal", "nelbo", "gaussian_entropy",
            "gaussian_ce_normal", "kl_normal", "vae_config", "prior_config", "sde_of"]
 

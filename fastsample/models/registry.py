@@ -128,6 +128,10 @@ _ENTRIES = (
           ("ode", {"rtol": 1e-3, "atol": 1e-3}), engine=("em", "decode"), export_sampler="em"),
     Entry("ddpm", "fastsample.models.ddpm", "fastsample.samplers.ddpm", ("ddim", {}),
           engine=("ancestral", "ddim", "em")),
+    Entry("latent-cld", "fastsample.models.latent_cld", "fastsample.samplers.latent_cld",
+          ("sscs", {"schedule": "quadratic"}), engine=("sscs", "em"), export_sampler="sscs"),
+    Entry("latent-ddgan", "fastsample.models.latent_ddgan", "fastsample.samplers.latent_ddgan",
+          ("posterior", {}), engine=("posterior",), export_sampler="posterior"),
 )
 REGISTRY = {e.name: e for e in _ENTRIES}
 FAMILIES = tuple(REGISTRY)

@@ -121,8 +121,13 @@ def sample_posterior(G: Callable, x_T: torch.Tensor, schedule, *, seed: int,
 def prior(model, num: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """x_T from manual_seed(seed) and z from draw_latents, as (num, ...) and (num, T, z_dim)
     (a transposed view of the (T, num, z_dim) draw, so batches slice it on axis 0)."""
+    return prior_of_shape(model, model.data_shape, num, seed, device)
+
+
+def prior_of_shape(model, shape: tuple, num: int, seed: int, device):
+    """`prior` with x_T of shape (num, *shape) (a latent DDGAN's x is the VAE latent)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    x_T = torch.randn((num, *model.data_shape), generator=g, device=device)
+    x_T = torch.randn((num, *shape), generator=g, device=device)
     z = draw_latents(model.T, num, model.z_dim, seed, device)
     return x_T, z.transpose(0, 1)
 
@@ -142,7 +147,7 @@ SAMPLING = Sampling(
     model_steps=lambda model, name: int(model.T))
 
 __all__ = ["SAMPLERS", "SAMPLING", "posterior_plan", "posterior_table", "table", "draw_latents",
-           "sample_posterior", "prior", "Z_SEED_SALT"]
+           "sample_posterior", "prior", "prior_of_shape", "bind", "Z_SEED_SALT"]
 
 # sample(model, name, steps, num, seed, device, batch=None, progress=False, **opts): the one driver.
 sample = functools.partial(_driver.sample, SAMPLING)

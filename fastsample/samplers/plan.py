@@ -228,6 +228,20 @@ def postprocess(table: Table, x: torch.Tensor) -> torch.Tensor:
     return apply_postprocess(table.header["postprocess"][0], x.float())
 
 
+def as_latent(table: Table, family: str, latent_shape, decode: str) -> Table:
+    """A plan that runs in a VAE's latent space: `table` relabelled to `family`, with the
+    latent_shape and decode lines (the decoder step after the loop) before the postprocess rule;
+    data_shape stays the decoder's output. The rows are unchanged."""
+    header = {}
+    for key, vals in table.header.items():
+        if key == "postprocess":
+            header["latent_shape"] = tuple(int(s) for s in latent_shape)
+            header["decode"] = (decode,)
+        header[key] = vals
+    header["family"] = (family,)
+    return Table(header, tuple(table.columns), list(table.rows))
+
+
 #-----------------------------------------------------------------------------------------------
 # The loop.
 

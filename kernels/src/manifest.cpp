@@ -163,10 +163,11 @@ void Manifest::check_schedule(const Schedule& s) const {
   if (family != s.family)
     throw Error(w + "family '" + family + "' but schedule.txt says '" + s.family + "'");
   const bool ok_what = (family == "ddgan" && (what == "generator" || what == "sampler")) ||
-                       (family == "cld" && what == "score");
+                       (family == "cld" && what == "score") ||
+                       (s.latent() && what == "sampler");
   if (!ok_what)
-    throw Error(w + "what '" + what + "'; this runtime runs ddgan generator|sampler and cld "
-                "score");
+    throw Error(w + "what '" + what + "'; this runtime runs ddgan generator|sampler, cld "
+                "score and latent-ddgan|latent-cld sampler");
   if (dtype != "fp32")
     throw Error(w + "dtype '" + dtype + "'; this runtime feeds float32 (export with --dtype "
                 "fp32)");
@@ -198,14 +199,20 @@ void Manifest::check_schedule(const Schedule& s) const {
     return head;
   };
   const auto& ds = s.data_shape;
-  if (family == "ddgan" && what == "generator") {
+  const auto& ls = s.state_shape();
+  if (s.kind == "ddgan" && what == "sampler") {
+    // The whole-sampler graphs are batch-first (servers concatenate requests on axis 0); a
+    // latent family's state is its latent, its samples are decoded into the data shape.
+    check(inputs, {{"x_T", with({B}, ls)}, {"z", {B, s.nfe, s.z_dim}},
+                   {"noise", with({B, s.nfe}, ls)}}, "inputs");
+    check(outputs, {{"x0", with({B}, ls)}, {"samples", with({B}, ds)}}, "outputs");
+  } else if (s.latent()) {
+    check(inputs, {{"x_T", with({B}, ls)}, {"v_T", with({B}, ls)},
+                   {"noise", with({B, s.total_draws() / 2, 2}, ls)}}, "inputs");
+    check(outputs, {{"x0", with({B}, ls)}, {"samples", with({B}, ds)}}, "outputs");
+  } else if (family == "ddgan") {
     check(inputs, {{"x_t", with({B}, ds)}, {"z", {B, s.z_dim}}, {"t", {B}}}, "inputs");
     check(outputs, {{"x0", with({B}, ds)}}, "outputs");
-  } else if (family == "ddgan") {
-    // The whole-sampler graph is batch-first (servers concatenate requests on axis 0).
-    check(inputs, {{"x_T", with({B}, ds)}, {"z", {B, s.nfe, s.z_dim}},
-                   {"noise", with({B, s.nfe}, ds)}}, "inputs");
-    check(outputs, {{"x0", with({B}, ds)}, {"samples", with({B}, ds)}}, "outputs");
   } else {
     check(inputs, {{"x", with({B}, ds)}, {"v", with({B}, ds)}, {"t", {B}}}, "inputs");
     check(outputs, {{"alpha", with({B}, ds)}}, "outputs");

@@ -93,7 +93,7 @@ Noise Sampler::draw_noise(int64_t num, uint64_t seed) const {
   const auto& s = schedule_;
   // Bound the draws' memory before allocating: x_T (+ v_T), z, noise.
   const double per_sample = static_cast<double>(s.sample_numel()) *
-                                static_cast<double>(1 + (s.family == "cld") + s.total_draws()) +
+                                static_cast<double>(1 + (s.kind == "cld") + s.total_draws()) +
                             static_cast<double>(s.nfe) * static_cast<double>(s.z_dim);
   if (per_sample * static_cast<double>(num) > static_cast<double>(kMaxNoiseElements))
     throw Error("--num " + std::to_string(num) + ": the draws would take " +
@@ -103,10 +103,11 @@ Noise Sampler::draw_noise(int64_t num, uint64_t seed) const {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   auto opt = at::TensorOptions().dtype(at::kFloat);
   Noise n;
-  n.x_T = at::randn(cat_shape({num}, s.data_shape), gen, opt);
-  if (s.family == "cld") n.v_T = at::randn(cat_shape({num}, s.data_shape), gen, opt);
-  if (s.family == "ddgan") n.z = at::randn({s.nfe, num, s.z_dim}, gen, opt);
-  n.noise = at::randn(cat_shape({s.total_draws(), num}, s.data_shape), gen, opt);
+  const auto& ss = s.state_shape();
+  n.x_T = at::randn(cat_shape({num}, ss), gen, opt);
+  if (s.kind == "cld") n.v_T = at::randn(cat_shape({num}, ss), gen, opt);
+  if (s.kind == "ddgan") n.z = at::randn({s.nfe, num, s.z_dim}, gen, opt);
+  n.noise = at::randn(cat_shape({s.total_draws(), num}, ss), gen, opt);
   return n;
 }
 
@@ -129,10 +130,11 @@ Noise Sampler::load_noise(const std::string& dir, int64_t num) const {
     num = x.dim() > 0 ? x.size(0) : 0;
     if (num < 1) throw Error((fs::path(dir) / "x_T.npy").string() + ": no samples");
   }
-  n.x_T = load("x_T.npy", cat_shape({num}, s.data_shape));
-  if (s.family == "cld") n.v_T = load("v_T.npy", cat_shape({num}, s.data_shape));
-  if (s.family == "ddgan") n.z = load("z.npy", {s.nfe, num, s.z_dim});
-  n.noise = load("noise.npy", cat_shape({s.total_draws(), num}, s.data_shape));
+  const auto& ss = s.state_shape();
+  n.x_T = load("x_T.npy", cat_shape({num}, ss));
+  if (s.kind == "cld") n.v_T = load("v_T.npy", cat_shape({num}, ss));
+  if (s.kind == "ddgan") n.z = load("z.npy", {s.nfe, num, s.z_dim});
+  n.noise = load("noise.npy", cat_shape({s.total_draws(), num}, ss));
   return n;
 }
 
@@ -226,26 +228,40 @@ at::Tensor Sampler::run(const Noise& noise, int64_t start, int64_t count) {
   };
   auto opt = at::TensorOptions().dtype(at::kFloat).device(device_);
   if (whole_graph()) {
+    // A latent family's graph ends with the decoder step and the postprocess rule: its
+    // `samples` output (1) is the result; a pixel ddgan's is x0 (0), postprocessed later.
+    const size_t result = s.latent() ? 1 : 0;
+    const auto& ss = s.state_shape();
+    if (s.kind == "cld") {
+      // latent-cld --what sampler: (x_T, v_T, noise (n, R, 2, ...)) -> (x0, samples),
+      // batch-first like the ddgan graph; the draws of the R noisy rows are (n0, n1) pairs, in
+      // row order, stored (2R, N, ...) in the noise files, hence the move of the batch axis.
+      auto v = (on_dev(noise.v_T) * s.prior_v_scale).contiguous();
+      auto nz = noise.noise.narrow(1, start, count).to(device_, at::kFloat).contiguous()
+                    .view(cat_shape({s.total_draws() / 2, 2, count}, ss))
+                    .movedim(2, 0).contiguous();
+      return call_net({on_dev(noise.x_T), v, nz}, count)[result];
+    }
     // ddgan --what sampler: (x_T (n, ...), z (n, T, z_dim), noise (n, T, ...)) -> (x0,
     // samples), batch-first so that servers can concatenate requests; the noise files keep the
     // loop's (T, N, ...) order, so z is transposed here. The graph reads noise[:, k] for every
     // row; rows that draw none (sigma = 0) get zeros.
     const auto T = static_cast<int64_t>(s.rows.size());
     auto z = noise.z.narrow(1, start, count).transpose(0, 1).to(device_, at::kFloat).contiguous();
-    auto nz = at::zeros(cat_shape({count, T}, s.data_shape), opt);
+    auto nz = at::zeros(cat_shape({count, T}, ss), opt);
     int64_t d = 0;
     for (int64_t k = 0; k < T; ++k)
       if (draws[static_cast<size_t>(k)]) nz.select(1, k).copy_(on_dev(noise.noise[d++]));
-    return call_net({on_dev(noise.x_T), z, nz}, count)[0];
+    return call_net({on_dev(noise.x_T), z, nz}, count)[result];
   }
   // Time inputs built before the loop: the loop itself allocates only net outputs.
   std::vector<at::Tensor> times;
   for (size_t k = 0; k < s.rows.size(); ++k)
-    times.push_back(at::full({count}, static_cast<float>(s.rows[k][s.family == "ddgan" ? 0 : 1]),
+    times.push_back(at::full({count}, static_cast<float>(s.rows[k][s.kind == "ddgan" ? 0 : 1]),
                                 opt));
   auto x = on_dev(noise.x_T).clone();
   int64_t d = 0;   // next draw in noise.noise
-  if (s.family == "ddgan") {
+  if (s.kind == "ddgan") {
     for (size_t k = 0; k < s.rows.size(); ++k) {
       // x0' = G(x, z_k, i); x <- c0 x0' + c1 x + sigma n
       auto x0 = call_net({x, on_dev(noise.z[static_cast<int64_t>(k)]), times[k]}, count)[0];
@@ -297,6 +313,7 @@ at::Tensor Sampler::sample(const Noise& noise, int64_t batch) {
 at::Tensor Sampler::postprocess(const at::Tensor& x) const {
   c10::InferenceMode guard;
   const auto xf = x.to(at::kFloat);
+  if (schedule_.latent()) return xf;   // the latent graph's samples are already data
   if (schedule_.postprocess == "quantize17")
     return at::floor((xf + 1) / 2 * 17).clamp(0, 16) / 16;
   if (schedule_.postprocess == "clamp01") return ((xf + 1) / 2).clamp(0, 1);

@@ -160,8 +160,11 @@ Schedule Schedule::parse(const std::string& text, const std::string& where) {
         version = to_int(one());
       } else if (key == "family") {
         s.family = one();
-        if (s.family != "ddgan" && s.family != "cld")
-          throw LineError{"unknown family '" + s.family + "'; this runtime runs ddgan|cld"};
+        if (s.family != "ddgan" && s.family != "cld" && s.family != "latent-ddgan" &&
+            s.family != "latent-cld")
+          throw LineError{"unknown family '" + s.family +
+                          "'; this runtime runs ddgan|cld|latent-ddgan|latent-cld"};
+        s.kind = s.family.rfind("latent-", 0) == 0 ? s.family.substr(7) : s.family;
       } else if (key == "sampler") {
         s.sampler = one();
       } else if (key == "nfe") {
@@ -169,7 +172,7 @@ Schedule Schedule::parse(const std::string& text, const std::string& where) {
       } else if (key == "data_shape") {
         s.data_shape = to_shape(vals);
       } else if (key == "latent_shape") {
-        to_shape(vals);   // lsgm: not run here, but bounded like data_shape
+        s.latent_shape = to_shape(vals);
       } else if (key == "z_dim") {
         s.z_dim = to_int_in(one(), 1, kMaxDim, "z_dim");
       } else if (key == "prior_v_scale") {
@@ -191,12 +194,15 @@ Schedule Schedule::parse(const std::string& text, const std::string& where) {
   for (const char* key : {"family", "sampler", "nfe", "data_shape", "postprocess", "columns"})
     if (!seen.count(key)) throw Error(where + ": the '" + std::string(key) + "' line is missing");
   if (s.rows.empty()) throw Error(where + ": no rows");
-  const auto& want = s.family == "ddgan" ? kDdganColumns : kCldColumns;
+  if (s.latent() != (s.kind != s.family))
+    throw Error(where + ": a 'latent_shape' line belongs to the latent families, and only to "
+                "them (family '" + s.family + "')");
+  const auto& want = s.kind == "ddgan" ? kDdganColumns : kCldColumns;
   if (s.columns != want)
     throw Error(where + ": " + s.family + " columns must be '" + join(want) + "', got '" +
                 join(s.columns) + "'");
   int64_t calls = 0;
-  if (s.family == "ddgan") {
+  if (s.kind == "ddgan") {
     if (s.sampler != "posterior") throw Error(where + ": ddgan sampler must be posterior");
     if (!seen.count("z_dim")) throw Error(where + ": the 'z_dim' line is missing (ddgan)");
     calls = static_cast<int64_t>(s.rows.size());
@@ -213,7 +219,7 @@ Schedule Schedule::parse(const std::string& text, const std::string& where) {
   if (calls != s.nfe)
     throw Error(where + ": nfe " + std::to_string(s.nfe) + " but the rows call the net " +
                 std::to_string(calls) + " times");
-  if (s.family == "ddgan") {
+  if (s.kind == "ddgan") {
     // i is the generator's step index: an integer in 1..nfe (= T)
     for (size_t k = 0; k < s.rows.size(); ++k) {
       const double i = s.rows[k][0];
@@ -242,7 +248,7 @@ Schedule Schedule::read(const std::string& path) {
 std::vector<int> Schedule::noise_draws() const {
   std::vector<int> out;
   for (const auto& r : rows) {
-    if (family == "ddgan")
+    if (kind == "ddgan")
       out.push_back(r[3] != 0.0 ? 1 : 0);
     else
       out.push_back(r[8] != 0.0 || r[9] != 0.0 || r[10] != 0.0 ? 2 : 0);
@@ -258,7 +264,7 @@ int64_t Schedule::total_draws() const {
 
 int64_t Schedule::sample_numel() const {
   int64_t n = 1;
-  for (int64_t d : data_shape) n *= d;
+  for (int64_t d : state_shape()) n *= d;
   return n;
 }
 

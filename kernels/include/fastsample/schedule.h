@@ -24,7 +24,11 @@ constexpr int64_t kMaxSampleNumel = 1LL << 24;       // product of data_shape / 
 bool parse_schedule_value(const std::string& tok, double* out, std::string* why);
 
 struct Schedule {
-  std::string family;                  // ddgan | cld
+  std::string family;                  // ddgan | cld | latent-ddgan | latent-cld
+  std::string kind;                    // the rows' kind: ddgan (posterior) | cld (affine2); a
+                                       // latent family runs its base family's rows
+  std::vector<int64_t> latent_shape;   // latent families: the loop's state (data_shape: the
+                                       // decoder's output, which the exported graph ends with)
   std::string sampler;                 // ddgan: posterior; cld: sscs | em
   int64_t nfe = 0;                     // network calls per sample (checked against the rows)
   std::vector<int64_t> data_shape;     // one sample's shape, e.g. {1, 8, 8}
@@ -41,8 +45,11 @@ struct Schedule {
   // Per row, how many standard-normal tensors of the state's shape it consumes (0, 1 or 2).
   std::vector<int> noise_draws() const;
   int64_t total_draws() const;
-  // Elements of one sample (the product of data_shape).
+  // Elements of one sample's loop state (the product of state_shape()).
   int64_t sample_numel() const;
+  bool latent() const { return !latent_shape.empty(); }
+  // The shape the loop and its noise run on: the latent for a latent family, else data_shape.
+  const std::vector<int64_t>& state_shape() const { return latent() ? latent_shape : data_shape; }
   // Value of column `name` in row k.
   double at(size_t k, const std::string& name) const;
 };
