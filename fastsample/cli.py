@@ -96,9 +96,10 @@ def _sampler_listing() -> str:
     for e in REGISTRY.values():
         names = []
         for name, s in e.sampling.samplers.items():
-            steps = ("adaptive" if not s.plan else
+            steps = ("adaptive" if not s.plan and s.steps is None else
                      f"{s.steps} steps" if s.steps is not None else "its trained T")
-            names.append(f"{name} ({steps})")
+            extra = ", needs fastsample[baselines]" if s.needs is not None else ""
+            names.append(f"{name} ({steps}{extra})")
         sampler, opts = e.default
         extra = "".join(f" --{k} {v}" for k, v in opts.items())
         lines.append(f"{e.name}: {', '.join(names)}; default {sampler}{extra}")
