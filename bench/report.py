@@ -64,16 +64,47 @@ def _label(r: dict) -> str:
     # adaptive ODE rows carry a placeholder step count: the NFE column says what they used
     steps = f"-{r['steps']}" if r.get("steps") and r["sampler"] != "ode" else ""
     tol = f" tol {r['options']['rtol']:g}" if "rtol" in r.get("options", {}) else ""
-    return f"{r['family']} {r['sampler']}{steps}{tol}"
+    karras = " karras" if r.get("options", {}).get("karras") else ""
+    return f"{r['family']} {r['sampler']}{steps}{tol}{karras}"
 
 
-def _find(rows, family, sampler, steps=None, rtol=None):
+def _find(rows, family, sampler, steps=None, rtol=None, karras=False):
     for r in rows:
         if r["family"] == family and r["sampler"] == sampler and \
                 (steps is None or r.get("steps") == steps) and \
-                (rtol is None or r.get("options", {}).get("rtol") == rtol):
+                (rtol is None or r.get("options", {}).get("rtol") == rtol) and \
+                bool(r.get("options", {}).get("karras")) == karras:
             return r
     return None
+
+
+PEERS = ("dpmpp2m", "unipc", "euler", "heun")
+
+
+def peer_claims(rows: list[dict]) -> list[str]:
+    """Per NFE budget with a DDIM row: the best peer sampler (diffusers' schedulers, at most that
+    many calls) against our DDIM by FD, and DDGAN-4 against all of them at <= 4 calls."""
+    out = []
+    for ddim in sorted((r for r in rows if r["family"] == "ddpm" and r["sampler"] == "ddim"),
+                       key=lambda r: r["nfe"]):
+        peers = [r for r in rows if r["sampler"] in PEERS and r["nfe"] <= ddim["nfe"]
+                 and r["nfe"] > ddim["nfe"] // 2]
+        if not peers:
+            continue
+        best = min(peers, key=lambda r: r["fd"])
+        out.append(f"<= {ddim['nfe']} calls: best peer {_label(best).split(' ', 1)[1]} "
+                   f"(NFE {best['nfe']}) FD {best['fd']:.1f} vs our DDIM-{ddim['nfe']} FD "
+                   f"{ddim['fd']:.1f}: our DDIM {'is' if ddim['fd'] <= best['fd'] else 'is NOT'} "
+                   f"on the frontier")
+    g = _find(rows, "ddgan", "posterior")
+    if g:
+        rivals = [r for r in rows if r["family"] != "ddgan" and r["nfe"] <= g["nfe"]]
+        if rivals:
+            best = min(rivals, key=lambda r: r["fd"])
+            out.append(f"DDGAN (T={g['nfe']}) FD {g['fd']:.1f} vs the best other sampler at <= "
+                       f"{g['nfe']} calls, {_label(best)} FD {best['fd']:.1f}: DDGAN "
+                       f"{'has' if g['fd'] <= best['fd'] else 'does NOT have'} the best FD")
+    return out
 
 
 def quality_claims(rows: list[dict]) -> list[str]:
@@ -115,14 +146,25 @@ def quality_table(bench_json: dict) -> str:
              f"commit {meta.get('commit', bench_json.get('commit_info', {}).get('id', '?'))[:12]}; "
              f"date {meta.get('date', bench_json.get('datetime', '?')[:10])}.",
              "",
-             "| family | sampler | NFE | ms / sample | FD | C2ST | classes hit |",
-             "|---|---|---|---|---|---|---|"]
+             "C2ST: logistic regression in the classifier's features (5-fold); C2ST pix / feat: "
+             "boosted trees, held out, on raw pixels / the features (fastsample.metrics; "
+             "calibration in docs/metrics_calibration.md). Precision / recall: k-NN manifolds "
+             "(k = 3) in the features.",
+             "",
+             "| family | sampler | NFE | ms / sample | FD | precision | recall | C2ST | "
+             "C2ST pix | C2ST feat | classes hit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r, k):
+        return f"{r[k]:.3f}" if r.get(k) is not None else "-"
+
     for r in rows:
-        c2 = f"{r['c2st']:.3f}" if r.get("c2st") is not None else "-"
         lines.append(f"| {r['family']} | {_label(r).split(' ', 1)[1]} | {r['nfe']} | "
-                     f"{r['ms_per_sample']:.3f} | {r['fd']:.1f} | {c2} | {r['classes_hit']} |")
+                     f"{r['ms_per_sample']:.3f} | {r['fd']:.1f} | {cell(r, 'precision')} | "
+                     f"{cell(r, 'recall')} | {cell(r, 'c2st')} | {cell(r, 'c2st_pixels')} | "
+                     f"{cell(r, 'c2st_features')} | {r['classes_hit']} |")
     lines += ["", "Claims, checked on this run:", ""]
-    lines += [f"- {c}" for c in quality_claims(rows)]
+    lines += [f"- {c}" for c in quality_claims(rows) + peer_claims(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -134,7 +176,11 @@ def quality_plot(bench_json: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     colors = {"ddgan": "tab:red", "cld": "tab:blue", "lsgm": "tab:green", "ddpm": "tab:gray"}
     for r in rows:
-        ax.scatter(r["ms_per_sample"], r["fd"], color=colors.get(r["family"], "k"), s=25)
+        # peer samplers (diffusers' schedulers on the DDPM net): hollow, so the families stand out
+        peer = r["sampler"] in PEERS
+        ax.scatter(r["ms_per_sample"], r["fd"], s=25, marker="D" if peer else "o",
+                   facecolors="none" if peer else colors.get(r["family"], "k"),
+                   edgecolors=colors.get(r["family"], "k"))
         ax.annotate(_label(r), (r["ms_per_sample"], r["fd"]), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")

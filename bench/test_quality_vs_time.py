@@ -2,8 +2,10 @@
 
 Each case samples NUM digits (default 2000; FASTSAMPLE_BENCH_NUM overrides) with one sampler of
 one family, times the sampling call once (pytest-benchmark, one round: a 1000-step sampler is the
-benchmark, not a micro-op), and records FD / C2ST / coverage / NFE / time per sample in
-extra_info. `python bench/report.py quality <json>` turns the run into the table and the
+benchmark, not a micro-op), and records every digits metric of fastsample.metrics.evaluate (FD, precision / recall, the
+logistic and the boosted-trees C2STs, coverage), NFE and time per sample in extra_info. The DDPM
+rows include the peer samplers (diffusers' schedulers, skipped without the `baselines` extra);
+select rows with -k on the ids, e.g. `-k "ddpm and (ddim or ancestral or dpmpp2m)"`. `python bench/report.py quality <json>` turns the run into the table and the
 log-time vs FD plot. Cases whose checkpoint is missing are skipped with the reason.
 """
 
@@ -22,18 +24,26 @@ CKPT = ROOT / "checkpoints" / "digits"
 NUM = int(os.environ.get("FASTSAMPLE_BENCH_NUM", "2000"))
 SEED = 1234
 
+PEERS = ("dpmpp2m", "unipc", "euler", "heun")
+PEER_NFE = (4, 6, 10, 20)
+
 # (family, sampler, steps, options) — DDGAN at its trained T; CLD with quadratic striding.
 CASES = (
     [("ddgan", "posterior", None, {})]
     + [("cld", s, n, {"schedule": "quadratic"}) for s in ("sscs", "em") for n in (20, 50, 100, 200)]
     + [("cld", "ode", None, {"rtol": 1e-5, "atol": 1e-5})]
     + [("lsgm", "ode", None, {"rtol": tol, "atol": tol}) for tol in (1e-5, 1e-3)]
-    + [("ddpm", "ancestral", 1000, {})]
-    + [("ddpm", "ddim", n, {}) for n in (10, 50, 100)]
+    + [("ddpm", "ancestral", n, {}) for n in (4, 6, 10, 20, 1000)]
+    + [("ddpm", "ddim", n, {}) for n in (4, 6, 10, 20, 50, 100)]
     + [("ddpm", "ode", None, {"rtol": 1e-5, "atol": 1e-5})]
     # The combinations (issue 21): a DDGAN and a CLD prior in LSGM's latent space.
     + [("latent-ddgan", "posterior", None, {})]
     + [("latent-cld", s, n, {"schedule": "quadratic"}) for s in ("sscs", "em") for n in (10, 20, 50)]
+    # The samplers users pick instead (diffusers' schedulers on the DDPM net; the `baselines`
+    # extra) at 4, 6, 10, 20 network calls: Heun spends 2 per step but 1 on its last, so it gets
+    # the most steps whose 2 steps - 1 calls fit the budget (3, 5, 9, 19 calls).
+    + [("ddpm", peer, (nfe + 1) // 2 if peer == "heun" else nfe, {"karras": karras})
+       for peer in PEERS for karras in (False, True) for nfe in PEER_NFE]
 )
 
 
@@ -41,7 +51,8 @@ def _id(case):
     fam, sampler, steps, opts = case
     tail = f"-{steps}" if steps else ""
     tol = f"-tol{opts['rtol']:g}" if "rtol" in opts else ""
-    return f"{fam}-{sampler}{tail}{tol}"
+    karras = "-karras" if opts.get("karras") else ""
+    return f"{fam}-{sampler}{tail}{tol}{karras}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
@@ -59,7 +70,15 @@ def test_quality_vs_time(benchmark, case):
     from fastsample.models import get
     # the one sample() driver with the family's Sampling (a hyphenated family's samplers module
     # name differs from its name)
-    sample = functools.partial(samplers.sample, get(fam).sampling)
+    sampling = get(fam).sampling
+    sample = functools.partial(samplers.sample, sampling)
+    needs = sampling.sampler(sampler).needs
+    if needs is not None:
+        from fastsample.samplers import MissingExtra
+        try:
+            needs()
+        except MissingExtra as e:
+            pytest.skip(str(e))
     if steps is None:
         steps = get(fam).default_steps(model, sampler)
     out = {}

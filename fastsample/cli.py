@@ -101,9 +101,10 @@ def _sampler_listing() -> str:
     for e in REGISTRY.values():
         names = []
         for name, s in e.sampling.samplers.items():
-            steps = ("adaptive" if not s.plan else
+            steps = ("adaptive" if not s.plan and s.steps is None else
                      f"{s.steps} steps" if s.steps is not None else "its trained T")
-            names.append(f"{name} ({steps})")
+            extra = ", needs fastsample[baselines]" if s.needs is not None else ""
+            names.append(f"{name} ({steps}{extra})")
         sampler, opts = e.default
         extra = "".join(f" --{k} {v}" for k, v in opts.items())
         lines.append(f"{e.name}: {', '.join(names)}; default {sampler}{extra}")
@@ -129,6 +130,9 @@ def _sample_args(sp: argparse.ArgumentParser) -> None:
                     help="time striding, where the sampler has one")
     sp.add_argument("--rtol", type=float, default=None, help="ode samplers: relative tolerance")
     sp.add_argument("--atol", type=float, default=None, help="ode samplers: absolute tolerance")
+    sp.add_argument("--karras", action="store_true", default=None,
+                    help="peer samplers (diffusers' schedulers, the `baselines` extra): Karras "
+                    "et al. (2022) sigmas")
     sp.add_argument("--engine", action="store_true",
                     help="sample through fastsample.runtime.Engine (static buffers; one CUDA graph "
                     "per batch on cuda): ddgan posterior, cld sscs|em, lsgm decode. Batch j > 0 "
@@ -180,7 +184,8 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     if ns.grid_cols is not None and not is_image:
         raise ValueError(f"--grid-cols applies to image samples; {ns.checkpoint} is a 2D "
                          f"({card.dataset}) model")
-    opts = {k: getattr(ns, k) for k in ("schedule", "rtol", "atol") if getattr(ns, k) is not None}
+    opts = {k: getattr(ns, k) for k in ("schedule", "rtol", "atol", "karras")
+            if getattr(ns, k) is not None}
     if ns.sampler is None:
         ns.sampler, defaults = entry.default
         opts = {**defaults, **opts}
@@ -475,10 +480,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(fn, ns) -> int:
     """User mistakes become one line on stderr and exit code 2, not a traceback."""
     from fastsample.checkpoint import CheckpointError
+    from fastsample.samplers import MissingExtra
     from fastsample.train import TrainingError
     try:
         return fn(ns)
-    except (ValueError, FileNotFoundError, CheckpointError, TrainingError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError, TrainingError, MissingExtra) as e:
         print(f"fastsample {ns.command}: error: {e}", file=sys.stderr)
         return 2
 

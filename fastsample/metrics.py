@@ -1,12 +1,16 @@
 """Sample-quality metrics: digits (Frechet distance in a small classifier's features, class
-coverage, classifier two-sample test) and 2D point sets (MMD^2, sliced Wasserstein).
+coverage, improved precision / recall, classifier two-sample tests) and 2D point sets (MMD^2,
+sliced Wasserstein).
 
 The Frechet distance is computed by torchmetrics' FrechetInceptionDistance with our digits
 classifier as its custom feature module, so "FD" here is FID's formula (the squared Frechet
 distance between Gaussians fitted to the features) in a 64-dim feature space, not Inception's.
 The classifier is trained by `python -m fastsample.metrics train-classifier` on the digits train
-split only; its weights and card ship in fastsample/assets/. `python -m fastsample.metrics
-calibrate` measures every digits metric on real test data and on two weak reference models
+split only; its weights and card ship in fastsample/assets/. Two C2STs: the logistic one in
+those features (kept for continuity; a collapsed DDGAN passes it) and boosted trees on raw
+pixels and on the features, held out (`digits_c2st_strong`), which it does not. `python -m
+fastsample.metrics calibrate` measures every digits metric on real test data, noisy real data
+and weak reference models; bench/metrics_calibration.py adds the DDGAN rows
 (docs/metrics_calibration.md holds the table). `ddgan_z_usage` is a diagnostic of a DDGAN
 generator (its use of the latent z), not a sample-quality metric.
 
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsample.data.images import load_digits
+from fastsample.data.images import load_digits, quantize_digits
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CLASSIFIER_FILE = "digits_classifier.safetensors"
@@ -47,6 +51,12 @@ MEDIAN_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 # Reference points for toy2d evaluation come from their own stream, separate from the training data.
 TOY_EVAL_SEED = 2**31 - 1
 MMD_MAX_POINTS = 4096
+# k of the k-NN manifolds of improved precision / recall (the paper's default).
+PR_K = 3
+# Fewest rows per side c2st_heldout accepts, the logistic c2st's 2 x 5 folds, so evaluate() takes
+# what it took before. Trees need 20 rows per leaf: below ~40 per side they cannot split and
+# read chance whatever the samples; the calibration and the bench use 360-1437.
+C2ST_MIN = 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +387,116 @@ def c2st(samples, ref="train", seed: int = 0, folds: int = 5,
 
 
 # ---------------------------------------------------------------------------------------------
+# Fidelity and diversity apart: improved precision and recall (Kynkaanniemi et al. 2019).
+#
+# A set of feature vectors Phi stands for a manifold: the union of the balls B(phi, NND_k(phi)),
+# NND_k(phi) being the distance from phi to its k-th nearest neighbour in Phi (itself excluded).
+# precision = share of generated phi_g inside manifold(Phi_real)   (are samples realistic?)
+# recall    = share of real phi_r inside manifold(Phi_generated)   (is the data covered?)
+# (paper eqs. 1-3). A point lies in its own ball (radius >= 0), so a set has precision and
+# recall 1 against itself. Both depend on the set sizes, so digits sets are subsampled to
+# equal size first, as the paper compares them.
+
+def knn_radii(x: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor:
+    """NND_k of every row of x (N, D) within x, itself excluded; float64 (N,)."""
+    out = []
+    for i in range(0, len(x), block):
+        d = torch.cdist(x[i:i + block], x)                         # (B, N)
+        # k + 1 smallest: the row's own distance 0 comes first; duplicates of a row also read 0
+        out.append(d.topk(k + 1, dim=1, largest=False).values[:, k])
+    return torch.cat(out)
+
+
+def manifold_share(query: torch.Tensor, support: torch.Tensor, k: int,
+                   block: int = 2048) -> float:
+    """Share of the rows of query (M, D) inside the k-NN manifold of support (N, D)."""
+    r = knn_radii(support, k, block)
+    inside = [(torch.cdist(query[i:i + block], support) <= r[None]).any(1)
+              for i in range(0, len(query), block)]
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real, fake, k: int = PR_K) -> dict:
+    """Improved precision and recall of `fake` (M, D) against `real` (N, D) in the space of the
+    rows themselves (features, or raw pixels flattened): {"precision", "recall"} in [0, 1]."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    real = check_points(real, "real")
+    fake = check_points(fake, "fake", dim=real.shape[1])
+    for name, t in (("real", real), ("fake", fake)):
+        if len(t) <= k:
+            raise ValueError(f"precision_recall with k={k} needs more than {k} {name} points "
+                             f"(a k-th neighbour besides the point itself), got {len(t)}")
+    return {"precision": manifold_share(fake, real, k), "recall": manifold_share(real, fake, k)}
+
+
+def digits_precision_recall(samples, ref="train", k: int = PR_K, seed: int = 0,
+                            classifier_path: str | Path | None = None) -> dict:
+    """precision_recall in the classifier's 64-dim features, n = min(len(samples), len(ref))
+    images drawn (seeded) from each side."""
+    x = check_digits(samples)
+    r = _reference_images(ref)
+    x, r = _equal_subsets(x, r, seed)
+    return precision_recall(digits_features(r, classifier_path),
+                            digits_features(x, classifier_path), k)
+
+
+def _equal_subsets(x: torch.Tensor, r: torch.Tensor, seed: int):
+    n = min(len(x), len(r))
+    g = torch.Generator().manual_seed(seed)
+    return (x[torch.randperm(len(x), generator=g)[:n]], r[torch.randperm(len(r), generator=g)[:n]])
+
+
+# ---------------------------------------------------------------------------------------------
+# A two-sample test a collapsed generator cannot pass: gradient-boosted trees, held out.
+#
+# The logistic C2ST above sees only what is linear in the classifier's features, and those
+# features were trained to tell digits apart, not to notice speckled backgrounds or missing
+# stroke variation: the released DDGAN reads ~0.50 there while boosted trees on raw pixels
+# tell it from data ~97% of the time. Trees split on single pixels (border ink, exact zeros)
+# and their interactions, and are cheap at this size (~1-3 s per space on one core).
+
+def c2st_heldout(a, b, seed: int = 0) -> float:
+    """Held-out accuracy of gradient-boosted trees telling the rows of a (N, D) from those of b.
+
+    n = min(N, M) rows per side (seeded); the 2n rows are split in two stratified halves; a
+    classifier trained on each half predicts the other, so every row is scored once by a model
+    that never saw it. Under H0 (same distribution) the accuracy is ~ Binomial(2n, 1/2) / 2n:
+    0.5 +- 1/(2 sqrt(2n)); 1 = perfectly separable."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.model_selection import StratifiedKFold
+    from threadpoolctl import threadpool_limits
+
+    a = check_points(a, "a")
+    b = check_points(b, "b", dim=a.shape[1])
+    n = min(len(a), len(b))
+    if n < C2ST_MIN:
+        raise ValueError(f"c2st_heldout needs at least {C2ST_MIN} rows per side, got {n}")
+    a, b = _equal_subsets(a, b, seed)
+    X = torch.cat([a, b]).numpy()
+    y = np.concatenate([np.zeros(n), np.ones(n)])
+    correct = 0
+    # One OpenMP thread: on a shared CPU the trees' spinning worker threads ran ~50x slower
+    # than one thread (87 s vs 1.5 s for 2 x 500 rows on 2 busy cores); this size needs no more.
+    with threadpool_limits(limits=1):
+        for fit, held in StratifiedKFold(2, shuffle=True, random_state=seed).split(X, y):
+            clf = HistGradientBoostingClassifier(max_iter=200, random_state=seed)
+            correct += int((clf.fit(X[fit], y[fit]).predict(X[held]) == y[held]).sum())
+    return correct / (2 * n)
+
+
+def digits_c2st_strong(samples, ref="train", seed: int = 0,
+                       classifier_path: str | Path | None = None) -> dict:
+    """c2st_heldout on raw pixels (64 values) and on the classifier's 64 features:
+    {"c2st_pixels", "c2st_features"}."""
+    x = check_digits(samples)
+    r = _reference_images(ref)
+    return {"c2st_pixels": c2st_heldout(r.flatten(1), x.flatten(1), seed),
+            "c2st_features": c2st_heldout(digits_features(r, classifier_path),
+                                          digits_features(x, classifier_path), seed)}
+
+
+# ---------------------------------------------------------------------------------------------
 # 2D point-set metrics.
 
 def median_bandwidth(y: torch.Tensor, max_points: int = 1000) -> float:
@@ -492,7 +612,9 @@ def _posterior_log_weights(x_i: torch.Tensor, sqrt_ab: torch.Tensor,
 # One call per data set.
 
 def evaluate(samples, data_spec: str, seed: int = 0) -> dict:
-    """Metrics suited to the data: digits -> n, fd, classes_hit, kl_uniform, c2st (vs train split);
+    """Metrics suited to the data: digits -> n, fd, classes_hit, kl_uniform, c2st (logistic, in
+    features), precision, recall (k = PR_K, in features), c2st_pixels, c2st_features (boosted
+    trees, held out), all vs the train split;
     toy2d:NAME -> n, mmd (on at most MMD_MAX_POINTS of each side), swd, against as many fresh exact
     samples of the toy as there are samples."""
     from fastsample.data import parse_spec
@@ -501,7 +623,9 @@ def evaluate(samples, data_spec: str, seed: int = 0) -> dict:
     if source == "digits":
         x = check_digits(samples)
         return {"n": len(x), "fd": frechet_distance(x, "train"), **class_coverage(x),
-                "c2st": c2st(x, "train", seed=seed)}
+                "c2st": c2st(x, "train", seed=seed),
+                **digits_precision_recall(x, "train", seed=seed),
+                **digits_c2st_strong(x, "train", seed=seed)}
     if source == "toy2d":
         from fastsample.data import toy2d  # lazy: written in parallel, may be absent
 
@@ -547,36 +671,66 @@ def sample_pixel_gaussian(n: int, x: torch.Tensor, generator: torch.Generator) -
     return (mu + sd * z).clamp(0, 1).float().reshape(n, *DIGITS_SHAPE)
 
 
-def calibrate(seeds: Sequence[int] = (0, 1, 2), sizes: Sequence[int] = (360, 2000), log=print) -> list[dict]:
-    """Rows {model, n, seed, fd, classes_hit, kl_uniform, c2st} for (a) the test split, (b) the
-    class-conditional Gaussian, (c) the per-pixel Gaussian; all against the train split."""
+def sample_noisy_real(x: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """Real images plus N(0, noise^2) per pixel, re-quantised to the digits levels as every
+    model's output is (a continuous image would be told from data by its grey levels alone)."""
+    y = x + noise * torch.randn(x.shape, generator=generator)
+    return quantize_digits(y.clamp(0.0, 1.0))
+
+
+# Reference sets, weakest last: (name, n or None for a fixed real set, sampler(n, seed)).
+NOISE_LEVELS = (0.03, 0.1)
+CALIBRATION_KEYS = ("fd", "c2st", "precision", "recall", "c2st_pixels", "c2st_features",
+                    "classes_hit", "kl_uniform")
+
+
+def reference_sets(seed: int, sizes: Sequence[int] = (360, 2000)) -> list[tuple[str, torch.Tensor]]:
+    """The calibration's data-only reference sets at `seed`: the test split (floor), the test
+    split with pixel noise (NOISE_LEVELS, in [0,1] units), the class-conditional Gaussian raw
+    and quantised like a model's output, and the per-pixel Gaussian."""
     train = load_digits("train", seed=0)
     test = load_digits("test", seed=0)
     fit = fit_class_gaussian(train.x, train.labels)
+    sets = [("a: test split (floor)", test.x)]
+    for noise in NOISE_LEVELS:
+        g = torch.Generator().manual_seed(seed)
+        sets.append((f"a{noise:g}: test split + noise {noise:g}",
+                     sample_noisy_real(test.x, noise, g)))
+    for n in sizes:
+        g = torch.Generator().manual_seed(seed)
+        xb = sample_class_gaussian(n, fit, g)
+        sets.append(("b: class Gaussian (mediocre)", xb))
+        sets.append(("bq: class Gaussian, quantised", quantize_digits(xb)))
+        g = torch.Generator().manual_seed(seed)
+        sets.append(("c: pixel Gaussian (bad)", sample_pixel_gaussian(n, train.x, g)))
+    return sets
+
+
+def calibrate(seeds: Sequence[int] = (0, 1, 2), sizes: Sequence[int] = (360, 2000), log=print,
+              extra=None) -> list[dict]:
+    """Rows {model, n, seed, <evaluate's digits metrics>} for reference_sets(seed) and, when
+    given, extra(seed) -> [(name, samples)] (models, which this layer cannot import); all
+    against the train split."""
     rows = []
     for seed in seeds:
-        sets = [("a: test split (floor)", test.x)]
-        for n in sizes:
-            g = torch.Generator().manual_seed(seed)
-            sets.append(("b: class Gaussian (mediocre)", sample_class_gaussian(n, fit, g)))
-            g = torch.Generator().manual_seed(seed)
-            sets.append(("c: pixel Gaussian (bad)", sample_pixel_gaussian(n, train.x, g)))
+        sets = reference_sets(seed, sizes) + (list(extra(seed)) if extra else [])
         for model, x in sets:
-            row = {"model": model, "n": len(x), "seed": seed, **evaluate(x, "digits", seed=seed)}
+            t0 = time.perf_counter()
+            row = {"model": model, "n": len(x), "seed": seed, **evaluate(x, "digits", seed=seed),
+                   "seconds": round(time.perf_counter() - t0, 1)}
             log(json.dumps(row))
             rows.append(row)
     return rows
 
 
-def calibration_table(rows: list[dict]) -> str:
-    """Markdown table of mean ± std over seeds per (model, n)."""
-    keys = ("fd", "c2st", "classes_hit", "kl_uniform")
+def calibration_table(rows: list[dict], keys: Sequence[str] = CALIBRATION_KEYS) -> str:
+    """Markdown table of mean ± std over seeds per (model, n), in the rows' order."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["n"]), []).append(r)
     lines = ["| model | n | seeds | " + " | ".join(keys) + " |",
              "|---|---|---|" + "---|" * len(keys)]
-    for (model, n), rs in sorted(groups.items()):
+    for (model, n), rs in groups.items():
         cells = []
         for k in keys:
             v = np.array([r[k] for r in rs], dtype=np.float64)
@@ -597,7 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", required=True, metavar="DIR", help="directory for weights + card")
     t.add_argument("--seed", type=int, default=0, help="init and shuffling seed (default 0)")
     t.add_argument("--epochs", type=int, default=80, help="passes over the train split (default 80)")
-    c = sub.add_parser("calibrate", help="metrics of test split / class Gaussian / pixel Gaussian")
+    c = sub.add_parser("calibrate", help="metrics of the test split (clean and noisy) / class "
+                                         "Gaussian / pixel Gaussian")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
     c.add_argument("--sizes", type=int, nargs="+", default=[360, 2000],
                    help="sample counts for the Gaussian models (default: 360 2000)")

@@ -200,10 +200,18 @@ def test_evaluate_digits_and_ordering(test_split, train_split):
     floor = M.evaluate(test_split.x, "digits", seed=0)
     mid = M.evaluate(mediocre, "digits", seed=0)
     worst = M.evaluate(bad, "digits", seed=0)
-    assert set(floor) == {"n", "fd", "classes_hit", "kl_uniform", "c2st"} and floor["n"] == n
+    assert set(floor) == {"n", "fd", "classes_hit", "kl_uniform", "c2st", "precision", "recall",
+                          "c2st_pixels", "c2st_features"} and floor["n"] == n
     assert floor["fd"] < mid["fd"] < worst["fd"]
     assert floor["c2st"] < mid["c2st"] < worst["c2st"]
     assert abs(floor["c2st"] - 0.5) < 0.1  # held-out real digits are indistinguishable
+    # held-out real digits pass the trees on both spaces (4 sd of Binomial(2n, 1/2) / 2n) ...
+    bound = 4 * 0.5 / math.sqrt(2 * n)
+    assert abs(floor["c2st_pixels"] - 0.5) < bound and abs(floor["c2st_features"] - 0.5) < bound
+    # ... the Gaussians fail on pixels; diversity (recall) orders the three
+    assert mid["c2st_pixels"] > 0.95 and worst["c2st_pixels"] > 0.95
+    assert floor["recall"] > mid["recall"] > worst["recall"]
+    assert worst["precision"] < min(floor["precision"], mid["precision"])
 
 
 def test_evaluate_toy2d_with_fake_module(monkeypatch):
@@ -223,6 +231,98 @@ def test_evaluate_toy2d_with_fake_module(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# improved precision / recall (k-NN manifolds)
+
+def test_precision_recall_identical_and_far_apart():
+    x = torch.randn(300, 5, generator=torch.Generator().manual_seed(0))
+    assert M.precision_recall(x, x) == {"precision": 1.0, "recall": 1.0}
+    assert M.precision_recall(x, x + 100.0) == {"precision": 0.0, "recall": 0.0}
+    # duplicating every sample changes neither manifold's coverage
+    assert M.precision_recall(x, torch.cat([x, x])) == {"precision": 1.0, "recall": 1.0}
+
+
+def test_precision_recall_of_a_subset():
+    """Every sample of a subset lies on its superset (distance 0 to itself): precision 1 for
+    the subset as samples, recall 1 for the subset as reference; the other side loses."""
+    x = torch.randn(400, 4, generator=torch.Generator().manual_seed(1))
+    sub = x[:40]
+    as_fake, as_real = M.precision_recall(x, sub), M.precision_recall(sub, x)
+    assert as_fake["precision"] == 1.0 and as_real["recall"] == 1.0
+    assert as_fake["recall"] < 1.0 and as_real["precision"] < 1.0
+
+
+def test_precision_recall_closed_form_on_a_line():
+    """Real points 0..9 on a line, k = 1: every real ball has radius 1, so of the samples
+    -3, 4.5, 20 only 4.5 is inside (precision 1/3). The samples' own radii are 7.5, 7.5, 15.5
+    (balls [-10.5, 4.5], [-3, 12], [4.5, 35.5]), which cover every real point (recall 1).
+    k = 2: real radii 2 (1 ... 8) and 2 at the ends, the samples' 23, 15.5, 23: same answer."""
+    real = torch.arange(10.0)[:, None]
+    fake = torch.tensor([[-3.0], [4.5], [20.0]])
+    assert M.precision_recall(real, fake, k=1) == pytest.approx({"precision": 1 / 3, "recall": 1.0})
+    assert M.precision_recall(real, fake, k=2) == pytest.approx({"precision": 1 / 3, "recall": 1.0})
+    assert M.knn_radii(real.double(), 1).tolist() == [1.0] * 10
+    assert M.knn_radii(fake.double(), 1).tolist() == [7.5, 7.5, 15.5]
+
+
+@pytest.mark.parametrize("real, fake, k, match", [
+    (torch.randn(10, 3), torch.full((10, 3), float("nan")), 3, "NaN"),
+    (torch.randn(10, 3), torch.randn(10, 4), 3, r"\(N, 3\)"),
+    (torch.randn(10), torch.randn(10), 3, r"\(N, D\)"),
+    (torch.randn(3, 2), torch.randn(10, 2), 3, "more than 3 real"),
+    (torch.randn(10, 2), torch.randn(2, 2), 3, "at least 2|more than 3 fake"),
+    (torch.randn(10, 2), torch.randn(10, 2), 0, "k must be"),
+])
+def test_precision_recall_bad_inputs(real, fake, k, match):
+    with pytest.raises(ValueError, match=match):
+        M.precision_recall(real, fake, k=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# held-out boosted-trees C2ST
+
+def test_c2st_heldout_same_distribution_is_chance():
+    """Two draws of one distribution: held-out accuracy ~ Binomial(2n, 1/2) / 2n, within 4 sd
+    on each seed, and the seeds' mean within 4 sd of the mean's own spread."""
+    n, accs = 500, []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(10 + seed)
+        a, b = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+        accs.append(M.c2st_heldout(a, b, seed=seed))
+    sd = 0.5 / math.sqrt(2 * n)
+    assert all(abs(a - 0.5) < 4 * sd for a in accs), accs
+    assert abs(np.mean(accs) - 0.5) < 4 * sd / math.sqrt(len(accs)), accs
+
+
+def test_c2st_heldout_separable_is_one():
+    a = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    b = torch.randn(300, 8, generator=torch.Generator().manual_seed(1)) + 100.0
+    # trees bin each feature by the fitted half's quantiles, so a held-out row beyond every
+    # training value can still land on the wrong side of a leaf now and then: ~1, not exactly 1
+    assert M.c2st_heldout(a, b) > 0.99
+
+
+def test_c2st_heldout_bad_inputs():
+    a = torch.randn(100, 4)
+    with pytest.raises(ValueError, match=f"at least {M.C2ST_MIN}"):
+        M.c2st_heldout(a, torch.randn(M.C2ST_MIN - 1, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        M.c2st_heldout(a, torch.full((100, 4), float("nan")))
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        M.c2st_heldout(a, torch.randn(100, 5))
+
+
+def test_strong_c2st_sees_what_the_logistic_one_misses(train_split):
+    """Real digits with one lit pixel in a border column (a defect like the DDGAN's speckle)
+    keep the classifier's features nearly intact; trees on raw pixels see it at once."""
+    x = train_split.x[:700].clone()
+    rows = torch.randint(0, 8, (len(x),), generator=torch.Generator().manual_seed(0))
+    x[torch.arange(len(x)), 0, rows, 0] = 0.5
+    strong = M.digits_c2st_strong(x, train_split.x[700:])
+    assert strong["c2st_pixels"] > 0.95
+    assert M.c2st(x, train_split.x[700:]) < strong["c2st_pixels"] - 0.2
+
+
+# ---------------------------------------------------------------------------------------------
 # bad inputs
 
 @pytest.mark.parametrize("bad, match", [
@@ -236,7 +336,8 @@ def test_evaluate_toy2d_with_fake_module(monkeypatch):
     (torch.rand(4, 1, 8, 8) * 2 - 1, "wrong scale"),
 ])
 def test_bad_digits_inputs(bad, match):
-    for fn in (M.frechet_distance, M.class_coverage, lambda s: M.evaluate(s, "digits")):
+    for fn in (M.frechet_distance, M.class_coverage, lambda s: M.evaluate(s, "digits"),
+               M.digits_precision_recall, M.digits_c2st_strong):
         with pytest.raises(ValueError, match=match):
             fn(bad)
 

@@ -97,8 +97,13 @@ def test_non_finite_samples_fail_in_every_family(family, monkeypatch):
             monkeypatch.setattr(model, name,
                                 lambda *a, _fn=fn: torch.full_like(_fn(*a), float("nan")))
     for sampler, spec in entry.sampling.samplers.items():
-        opts = {"rtol": 1e-1, "atol": 1e-1} if not spec.plan else {}
-        steps = None if not spec.plan or spec.steps is None else 4
+        if spec.needs is not None:
+            try:
+                spec.needs()
+            except samplers.MissingExtra:
+                continue    # an optional dependency's sampler: tested where it is installed
+        opts = {"rtol": 1e-1, "atol": 1e-1} if "rtol" in spec.options else {}
+        steps = None if spec.steps is None else 4
         with pytest.raises(samplers.SamplingError, match="non-finite"):
             samplers.sample(entry.sampling, model, sampler, steps, 2, 0, **opts)
 

@@ -41,6 +41,10 @@ def check_steps(steps: int, name: str = "steps") -> int:
     return steps
 
 
+class MissingExtra(ImportError):
+    """A sampler whose optional dependency is not installed; the message names the extra."""
+
+
 class SamplingError(ValueError):
     """A sampling run that produced no usable samples (non-finite output): one clear line."""
 
@@ -56,11 +60,15 @@ class Sampler:
 
     steps: the default step budget (None: adaptive; a DDGAN's is its trained T, see Sampling);
     options: the keyword options it accepts; plan: True when it is a fixed plan (run by
-    plan.run), False for an adaptive solve (Sampling.adaptive runs it)."""
+    plan.run), False when Sampling.adaptive runs it: an adaptive solve (steps None) or a
+    fixed-step sampler outside the plan loop (steps not None; it is passed `steps`), such as a
+    peer library's scheduler; needs: called on validation, raises ImportError when an optional
+    dependency the sampler runs on is missing."""
     name: str
     steps: int | None
     options: tuple = ()
     plan: bool = True
+    needs: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,8 @@ def sample(sampling: Sampling, model, name: str, steps: int | None, num: int, se
         takes = f"takes options {list(allowed)}" if allowed else "takes no options"
         raise ValueError(f"sampler {name!r} of family {sampling.family} {takes}; "
                          f"unknown option(s) {bad}")
+    if spec.needs is not None:
+        spec.needs()
     fin = {k: v for k, v in opts.items() if k in sampling.finish_options}
     run_opts = {k: v for k, v in opts.items() if k not in sampling.finish_options}
     if steps is None:
@@ -183,7 +193,8 @@ def sample(sampling: Sampling, model, name: str, steps: int | None, num: int, se
             nfe = plans.run(table, net, *state, seed=seed_t, offset=s * per, stride=num * per)
             x0 = state[0]
         else:
-            res = sampling.adaptive(model, name, parts, **run_opts)
+            stepped = {"steps": steps} if spec.steps is not None else {}
+            res = sampling.adaptive(model, name, parts, **stepped, **run_opts)
             x0, nfe = res.x0, res.nfe
         # Checked in model space: a data-space map may clamp an inf into range.
         if not bool(torch.isfinite(x0).all()):

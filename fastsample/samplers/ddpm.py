@@ -1,4 +1,5 @@
-"""Samplers of the VP-SDE / DDPM baseline: ancestral, DDIM, Euler–Maruyama, probability-flow ODE.
+"""Samplers of the VP-SDE / DDPM baseline: ancestral, DDIM, Euler–Maruyama, probability-flow ODE,
+and the peer samplers (diffusers' DPM-Solver++ 2M, UniPC, Euler, Heun) driving the same net.
 
 References: Ho et al. 2020 (ancestral sampling, Algorithm 2), Song et al. 2021a (DDIM, eq. 12),
 Song et al. 2021b (reverse VP-SDE and its probability-flow ODE); the VP-SDE formulas are those of
@@ -34,7 +35,8 @@ import math
 import torch
 
 from fastsample import samplers as _driver
-from fastsample.samplers import SampleResult, Sampler, Sampling, check_steps, seed_tensor
+from fastsample.samplers import (MissingExtra, SampleResult, Sampler, Sampling, check_steps,
+                                 seed_tensor)
 from fastsample.samplers import ode as ode_solver
 from fastsample.samplers import plan as plans
 from fastsample.sde.vp import VPSDE, DDPMSchedule
@@ -222,6 +224,107 @@ def sample_ode(model, x_T: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e
 
 
 #-----------------------------------------------------------------------------------------------
+# Peer samplers: diffusers' schedulers driving the same eps-net (the optional `baselines` extra).
+#
+# The samplers users would pick instead of ours. diffusers is called, never copied; this block
+# only maps our model onto a scheduler:
+# - schedule: trained_betas = DDPMSchedule(model.N)'s betas, so diffusers' alphas_cumprod[tau]
+#   is our alpha_bar[tau + 1] (diffusers' timestep tau = our index i - 1);
+# - time of the net: every scheduler here keeps a noise level sigma_k = sqrt((1 - ab) / ab) per
+#   model call k, and the solver's update assumes eps at exactly that sigma; our net is
+#   continuous in t, so it is queried at the t with m_t^2 = ab = 1 / (1 + sigma_k^2)
+#   (matched_times). At an integer timestep tau that is matched_times(alpha_bar[tau + 1]), the
+#   time our DDIM uses at index tau + 1; at the fractional timesteps of Euler / Heun and of Karras
+#   sigmas it is exact where interpolating tau would not be;
+# - state: DPM-Solver++ and UniPC step x itself (the VP state); Euler and Heun step the VE state
+#   x / sqrt(ab) (`ve`), and scale_model_input hands the net x again. Our x_T is mapped to
+#   sigma_0's VE state exactly (x_T sqrt(1 + sigma_0^2)), not by init_noise_sigma, which is
+#   sigma_0 for linspace spacing.
+# DDIM is Euler on the VE ODE dx/dsigma = eps (Song et al. 2021a, sec. 4.3), so Euler with our
+# DDIM's sigmas, or diffusers' DDIMScheduler where the steps divide N, reproduces sample_ddim on
+# the same x_T to float32 rounding (tests/test_peer_samplers.py). NFE is counted per net call:
+# Heun's N steps make 2N - 1 (its last step, to sigma = 0, is Euler).
+
+PEERS = {  # our name: (diffusers scheduler class, its config beyond the schedule, ve state)
+    "dpmpp2m": ("DPMSolverMultistepScheduler",
+                {"algorithm_type": "dpmsolver++", "solver_order": 2}, False),
+    "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}, False),
+    "euler": ("EulerDiscreteScheduler", {}, True),
+    "heun": ("HeunDiscreteScheduler", {}, True),
+}
+BASELINES_HINT = "pip install fastsample[baselines]"
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError as e:
+        raise MissingExtra(f"the peer samplers ({'|'.join(PEERS)}) drive diffusers' schedulers; "
+                          f"diffusers is not installed ({e}); {BASELINES_HINT}") from None
+    return diffusers
+
+
+def has_diffusers() -> bool:
+    try:
+        _diffusers()
+    except MissingExtra:
+        return False
+    return True
+
+
+def peer_scheduler(model, name: str, steps: int, karras: bool = False):
+    """The diffusers scheduler of peer sampler `name` on model's DDPM schedule, with
+    set_timesteps(steps) done; karras: Karras et al. (2022) sigmas between the schedule's ends."""
+    if name not in PEERS:
+        raise ValueError(f"unknown peer sampler {name!r}; choose {'|'.join(PEERS)}")
+    check_steps(steps)
+    if not isinstance(karras, bool):
+        raise ValueError(f"karras must be True or False, got {karras!r}")
+    cls_name, config, _ = PEERS[name]
+    sched = DDPMSchedule(model.N, model.sde.beta_min, model.sde.beta_max)
+    betas = 1.0 - sched.alpha_bar[1:] / sched.alpha_bar[:-1]
+    cls = getattr(_diffusers(), cls_name)
+    scheduler = cls(num_train_timesteps=model.N, trained_betas=betas.numpy(),
+                    prediction_type="epsilon", use_karras_sigmas=karras, **config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@torch.no_grad()
+def run_scheduler(model, x_T: torch.Tensor, scheduler, ve: bool) -> SampleResult:
+    """x_T (VP state at the scheduler's first noise level) through every timestep of a
+    set-up diffusers scheduler with eps = model.eps at the continuous time of the step's noise
+    level (the mapping above). Schedulers without per-step sigmas (DDIMScheduler) are mapped by
+    their integer timestep: ab = alphas_cumprod[tau]. nfe = net calls, counted."""
+    _check_x(model, x_T)
+    timesteps = scheduler.timesteps
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None:
+        # sigmas[k] is the noise level of timesteps[k] (one extra, final sigma); Heun repeats
+        # each interior sigma for its corrector call, keeping the same alignment.
+        assert len(sigmas) == len(timesteps) + 1, (len(sigmas), len(timesteps))
+        alpha_bar = 1.0 / (1.0 + sigmas[:-1].to(torch.float64) ** 2)
+    else:
+        alpha_bar = scheduler.alphas_cumprod.to(torch.float64)[timesteps.long()]
+    t_net = matched_times(model.sde, alpha_bar).to(torch.float32)
+    B = x_T.shape[0]
+    x = x_T * math.sqrt(1.0 / float(alpha_bar[0])) if ve else x_T.clone()
+    nfe = 0
+    for k, tau in enumerate(timesteps):
+        eps = model.eps(scheduler.scale_model_input(x, tau), t_net[k].expand(B).to(x.device))
+        nfe += 1
+        x = scheduler.step(eps, tau, x).prev_sample
+    return SampleResult(x, nfe)
+
+
+def sample_peer(model, x_T: torch.Tensor, steps: int, *, name: str,
+                karras: bool = False) -> SampleResult:
+    """Peer sampler `name` (PEERS) for `steps` scheduler steps from x_T ~ N(0, I)."""
+    scheduler = peer_scheduler(model, name, steps, karras)
+    return run_scheduler(model, x_T, scheduler, PEERS[name][2])
+
+
+#-----------------------------------------------------------------------------------------------
 # The family's sampling declaration (samplers/__init__.py Sampling).
 
 SAMPLING = Sampling(
@@ -229,9 +332,13 @@ SAMPLING = Sampling(
     samplers={"ancestral": Sampler("ancestral", 1000), "ddim": Sampler("ddim", 50,
                                                                        ("schedule", "eta")),
               "em": Sampler("em", 1000), "ode": Sampler("ode", None, ("rtol", "atol", "method"),
-                                                        plan=False)},
+                                                        plan=False),
+              **{name: Sampler(name, 10, ("karras",), plan=False, needs=_diffusers)
+                 for name in PEERS}},
     prior=_driver.normal_prior(lambda model: model.shape), plan=table, bind=_driver.bind_eps,
-    adaptive=_driver.adaptive_samplers("ddpm", ode=sample_ode),
+    adaptive=_driver.adaptive_samplers(
+        "ddpm", ode=sample_ode,
+        **{name: functools.partial(sample_peer, name=name) for name in PEERS}),
     finish=lambda model, x: model.to_data(x))
 
 # sample(model, name, steps, num, seed, device, batch=None, progress=False, **opts): the one driver.
