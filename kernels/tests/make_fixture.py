@@ -2,12 +2,15 @@
 
     python kernels/tests/make_fixture.py OUT_DIR [--num 4] [--cld-steps 8]
 
-Writes, for each case (ddgan, ddgan-sampler, cld-sscs, cld-em):
+Writes, for each case (ddgan, ddgan-sampler, cld-sscs, cld-em, latent-ddgan-sampler,
+latent-cld-sampler):
 
     OUT_DIR/<case>/model.pt2        AOTInductor package from `python -m fastsample.export --format
                                     aoti` (export_model_pt2; one compile per family and --what, the
                                     cld-em directory reuses cld-sscs's file); ddgan-sampler is the
-                                    `--what sampler` graph (the whole loop, one call)
+                                    `--what sampler` graph (the whole loop, one call), as are
+                                    the latent-* cases (latent loop + decoder step; latent-cld
+                                    at --sampler sscs --steps LATENT_CLD_STEPS)
     OUT_DIR/<case>/schedule.txt     fastsample.samplers.plan table
     OUT_DIR/<case>/manifest.json    the export's manifest, its schedule, sampler, steps and files
                                     (sha256 of model.pt2 and schedule.txt) rewritten for the case
@@ -16,6 +19,9 @@ Writes, for each case (ddgan, ddgan-sampler, cld-sscs, cld-em):
     OUT_DIR/<case>/expected/        x.npy (model space) and samples.npy (data space) from run_table
                                     on the eager net (the oracle), x_aoti.npy / samples_aoti.npy
                                     from run_table on the same model.pt2 loaded in Python
+                                    (latent-*: x is the latent z_0, samples the decoded image,
+                                    finish(run_table) for the oracle, the graph's outputs for
+                                    *_aoti; the C++ runtime returns the samples)
 
 Before writing, it checks that run_table reproduces the family's real sampler (the CPU twins'
 noise, as tests/test_schedule_table.py does), so the expected outputs are the sampler's outputs.
@@ -43,10 +49,15 @@ from fastsample.samplers.ddgan import table as ddgan_table
 from fastsample.models import load_model
 from fastsample.samplers import cld as sc
 from fastsample.samplers import ddgan as sd
+from fastsample.samplers import latent_cld as slc
+from fastsample.samplers import latent_ddgan as sld
 
 ROOT = Path(__file__).resolve().parents[2]
 DDGAN_CKPT = ROOT / "checkpoints/digits/ddgan.safetensors"
 CLD_CKPT = ROOT / "checkpoints/digits/cld.safetensors"
+LATENT_DDGAN_CKPT = ROOT / "checkpoints/digits/latent-ddgan.safetensors"
+LATENT_CLD_CKPT = ROOT / "checkpoints/digits/latent-cld.safetensors"
+LATENT_CLD_STEPS = 4        # SSCS NFE of the latent-cld graph (each row unrolled: short compile)
 SEED = 3
 MAX_BATCH = 256             # the artifacts' dynamic batch range is [1, MAX_BATCH]
 BATCH_SPLIT = 3             # expected/*_b3.npy: the Python loop in batches of 3
@@ -55,14 +66,14 @@ BATCH_SPLIT = 3             # expected/*_b3.npy: the Python loop in batches of 3
 #-----------------------------------------------------------------------------------------------
 # The one export call: the product's own exporter, so ctest runs what users deploy.
 
-def export_model_pt2(ckpt: Path, what: str, out: Path) -> dict:
+def export_model_pt2(ckpt: Path, what: str, out: Path, *extra: str) -> dict:
     """`python -m fastsample.export CKPT --format aoti --what WHAT` (its parity gate included);
     the fixture keeps model.pt2 and returns the manifest, and writes its own schedule.txt per
     case (_write_case rewrites the manifest to match)."""
     from fastsample.export.command import main as export_main
     art = out.parent / f".export-{what}"
     rc = export_main([str(ckpt), "--format", "aoti", "--what", what, "--out", str(art),
-                      "--max-batch", str(MAX_BATCH)])
+                      "--max-batch", str(MAX_BATCH), *extra])
     if rc != 0:
         sys.exit(f"make_fixture: python -m fastsample.export failed (exit {rc})")
     shutil.move(str(art / "model.pt2"), str(out))
@@ -199,11 +210,73 @@ def make_cld(out: Path, num: int, steps: int) -> None:
                     _expected(tab, m.alpha, aoti, x_T, noise, v=v_T), man)
 
 
+def _latent_case(case: Path, m, tab: Table, finish, want: torch.Tensor, x_T, noise, inputs,
+                 noise_files: dict, net, man_args: tuple, **kw) -> None:
+    """A latent family's --what sampler case: the eager loop + decoder step (the oracle, checked
+    against the family's sampler `want`) and the graph fed `inputs(slice)` batch-first."""
+    x_eager = run_table(tab, net, x_T, noise, **kw)
+    with torch.no_grad():
+        s_eager = finish(m, x_eager)
+    if not torch.equal(s_eager, want):
+        sys.exit(f"make_fixture: run_table + finish does not reproduce the {case.name} sampler")
+    case.mkdir(parents=True, exist_ok=True)
+    man = export_model_pt2(*man_args[:2], case / "model.pt2", *man_args[2:])
+    graph = torch._inductor.aoti_load_package(str(case / "model.pt2"))
+
+    def whole(sl):
+        with torch.no_grad():
+            z0, samples = graph(*inputs(sl))
+            if not torch.equal(samples, finish(m, z0)):
+                sys.exit(f"make_fixture: {case.name} graph's samples are not finish(x0)")
+        return z0, samples
+    x_g, s_g = whole(slice(None))
+    parts = [whole(slice(s, s + BATCH_SPLIT)) for s in range(0, x_T.shape[0], BATCH_SPLIT)]
+    print(f"make_fixture: {case.name}: graph vs eager loop max abs "
+          f"{(x_g - x_eager).abs().max().item():.3g} (latent), "
+          f"{(s_g - s_eager).abs().max().item():.3g} (data)")
+    expected = {"x": x_eager, "samples": s_eager, "x_aoti": x_g, "samples_aoti": s_g,
+                f"x_aoti_b{BATCH_SPLIT}": torch.cat([p[0] for p in parts]),
+                f"samples_aoti_b{BATCH_SPLIT}": torch.cat([p[1] for p in parts])}
+    _write_case(case, tab, case / "model.pt2", noise_files, expected, man)
+
+
+def make_latent(out: Path, num: int) -> None:
+    # latent-ddgan: DDGAN's posterior loop on the VAE latent; draws as make_ddgan's.
+    m, _ = load_model(LATENT_DDGAN_CKPT)
+    tab = sld.table(m)
+    x_T, zb = sd.prior_of_shape(m, m.latent_shape, num, SEED, "cpu")    # zb: (N, T, z_dim)
+    z = zb.transpose(0, 1).contiguous()
+    noise = twin_noise(tab, SEED, x_T)
+    want, _ = sld.sample(m, "posterior", None, num, SEED)
+    full = torch.stack([row[0] if row else torch.zeros_like(x_T) for row in noise], dim=1)
+    _latent_case(out / "latent-ddgan-sampler", m, tab, sld.finish, want, x_T, noise,
+                 lambda sl: (x_T[sl], zb[sl].contiguous(), full[sl].contiguous()),
+                 {"x_T": x_T, "z": z, "noise": _flat_noise(noise, x_T)}, m.denoise,
+                 (LATENT_DDGAN_CKPT, "sampler"), z=z)
+    # latent-cld: CLD's SSCS loop on the latent phase space; the unscaled v draw kept, as
+    # make_cld's (the C++ side multiplies by prior_v_scale).
+    m, _ = load_model(LATENT_CLD_CKPT)
+    tab = slc.table(m, "sscs", LATENT_CLD_STEPS)
+    g = torch.Generator().manual_seed(SEED)
+    x_T = torch.randn((num, *m.latent_shape), generator=g)
+    v_raw = torch.randn((num, *m.latent_shape), generator=g)
+    v_T = v_raw * math.sqrt(m.cld.M)
+    noise = twin_noise(tab, SEED, x_T)
+    want, _ = slc.sample(m, "sscs", LATENT_CLD_STEPS, num, SEED, "cpu")
+    rows = [r for r in noise if r]
+    full = torch.stack([torch.stack(r) for r in rows]).permute(2, 0, 1, 3, 4, 5)  # (N, R, 2, ...)
+    _latent_case(out / "latent-cld-sampler", m, tab, slc.finish, want, x_T, noise,
+                 lambda sl: (x_T[sl], v_T[sl], full[sl].contiguous()),
+                 {"x_T": x_T, "v_T": v_raw, "noise": _flat_noise(noise, x_T)}, m.alpha,
+                 (LATENT_CLD_CKPT, "sampler", "--sampler", "sscs", "--steps",
+                  str(LATENT_CLD_STEPS)), v=v_T)
+
+
 #-----------------------------------------------------------------------------------------------
 
 def _stamp(args) -> str:
     h = hashlib.sha256()
-    for p in (DDGAN_CKPT, CLD_CKPT, Path(__file__),
+    for p in (DDGAN_CKPT, CLD_CKPT, LATENT_DDGAN_CKPT, LATENT_CLD_CKPT, Path(__file__),
               *sorted((ROOT / "fastsample/export").glob("*.py"))):
         h.update(p.read_bytes())
     h.update(f"{torch.__version__} {args.num} {args.cld_steps} {SEED} {MAX_BATCH} {BATCH_SPLIT}"
@@ -226,6 +299,7 @@ def main(argv=None) -> int:
         shutil.rmtree(args.out)
     make_ddgan(args.out, args.num)
     make_cld(args.out, args.num, args.cld_steps)
+    make_latent(args.out, args.num)
     stamp_file.write_text(stamp)
     print(f"make_fixture: wrote {args.out}")
     return 0
