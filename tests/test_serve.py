@@ -481,3 +481,17 @@ def test_every_family_is_served_by_the_engine(cache):
             assert meta["parameters"]["backend"] == "engine"
             got = _infer(s, name, 1, 2)
             assert got.shape == (2, *meta["outputs"][0]["shape"][1:]) and np.isfinite(got).all()
+
+
+def test_auto_backend_serves_a_family_without_a_feed_on_the_engine(tmp_path):
+    """`fastsample serve` with no arguments loads every released model with --backend auto: a
+    family whose whole-sampler graph draws no per-request inputs (latent-cld) must go to the
+    Engine at once, not be exported to ONNX for minutes and then refused."""
+    from fastsample.serve import backends
+    from fastsample.models.registry import released_checkpoint
+    ckpt = released_checkpoint("latent-cld")
+    m = backends.load(str(ckpt), backend="auto", cache=tmp_path, max_batch=4, threads=1,
+                      device="cpu")
+    assert m.backend == "engine" and not any(tmp_path.iterdir())
+    x = m.run([(3, 2)])[0]
+    assert x.shape == (2, 1, 8, 8) and bool(np.isfinite(x).all())

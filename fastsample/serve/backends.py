@@ -50,6 +50,17 @@ def sampler_export(entry) -> str | None:
     return "sampler" if "sampler" in entry.exports else None
 
 
+def _onnx_servable(model, card, entry) -> bool:
+    """Whether the family's whole-sampler export draws its inputs per request (a feed): one
+    without would be exported for minutes only to be refused when loaded. Building the spec
+    traces nothing, so this costs no export."""
+    what = sampler_export(entry)
+    if what is None:
+        return False
+    from fastsample.export import core
+    return core.build_spec(model, card, what).feed is not None
+
+
 class Served:
     """One served model: name, family, data shape, backend, and run([(seed, num), ...])."""
 
@@ -216,7 +227,7 @@ def load(spec: str, *, backend: str, cache: Path, max_batch: int, threads: int |
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ModelError(f"model name {name!r}: use letters, digits, '_', '.', '-'")
     if backend == "auto":
-        backend = "onnx" if sampler_export(entry) and device == "cpu" else "engine"
+        backend = "onnx" if device == "cpu" and _onnx_servable(model, card, entry) else "engine"
     if backend == "onnx":
         return OnnxServed(name, ckpt, model, card, entry, cache=cache, max_batch=max_batch,
                           threads=threads)
