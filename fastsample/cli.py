@@ -452,7 +452,9 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         return 0
     family = mod.Family(data, cfg)
     evaluate = None if ns.no_eval else getattr(family, "evaluate", None)
-    metrics = train(family, batch_sampler(data, dequantize=data.kind == "image"), tcfg, ns.out,
+    # A family may train on the exact grey levels (a GAN needs no continuous density).
+    dequantize = data.kind == "image" and getattr(cfg, "dequantize", True)
+    metrics = train(family, batch_sampler(data, dequantize=dequantize), tcfg, ns.out,
                     resume=ns.resume, evaluate=evaluate,
                     card_extra={"command": "fastsample train " + " ".join(sys.argv[2:])})
     print(json.dumps({"checkpoint": f"{ns.out}/{ns.model}.safetensors", "metrics": metrics}))

@@ -169,6 +169,9 @@ def test_step_draws_t_in_float64_within_loss_range():
                 return torch.zeros(u.shape[0], u.shape[1] // 2)
             return net
 
+        def lr_scale(self, warmup, min_frac=1.0, offset=0):
+            return 1.0
+
         def optimize(self, name, loss):
             seen["loss"] = loss
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from fastsample.data import Dataset, dequantize_digits, load_dataset
 from fastsample.data.toy2d import grid25
-from fastsample.metrics import sliced_wasserstein
+from fastsample.metrics import grid25_modes, sliced_wasserstein
 from fastsample.models import ddgan, load_model, make_config
 from fastsample.samplers import ddgan as S
 from fastsample.sde import ddgan_schedule
@@ -74,6 +74,9 @@ def test_config_defaults_and_validation(toy, digits):
         ddgan.Config(grad_clip=-1.0)
     with pytest.raises(ValueError, match=r"ddgan Config: DDGANSchedule.t_power"):
         ddgan.Config(t_power=0.0)
+    with pytest.raises(ValueError, match="dequantize"):
+        ddgan.Config(dequantize="no")
+    assert make_config("ddgan", digits, {"dequantize": "false"}).dequantize is False
     warped = make_config("ddgan", toy, {"t_power": "2"})
     assert warped.t_power == 2.0 and ddgan.schedule_of(warped).t_power == 2.0
 
@@ -86,14 +89,16 @@ _DIGITS_PRESET = {
     "lr_g": 0.00016, "lr_d": 0.000125, "beta1": 0.5, "beta2": 0.9, "lr_min_frac": 0.1,
     "r1_gamma": 0.02, "lazy_reg": 15, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 1.0, "eval_samples": 1000, "train_steps": 8000, "batch_size": 64,
-    "ema_decay": 0.999, "grad_clip": 0.0}
+    "ema_decay": 0.999, "grad_clip": 0.0, "dequantize": True,
+    "input_features": 0, "input_scale": 1.0, "disc_input_features": 0, "disc_input_scale": 1.0}
 _GRID25_PRESET = {
     "T": 4, "z_dim": 8, "arch": "mlp", "base_ch": 32, "disc_base_ch": 32,
     "disc_ch_mult": (1, 2, 2), "disc_mbstd": 0, "hidden": 128, "num_layers": 4,
     "lr_g": 0.0005, "lr_d": 0.001, "beta1": 0.5, "beta2": 0.9, "lr_min_frac": 0.1,
     "r1_gamma": 0.05, "lazy_reg": 1, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 1.0, "eval_samples": 1000, "train_steps": 4000, "batch_size": 256,
-    "ema_decay": 0.995, "grad_clip": 1.0}
+    "ema_decay": 0.995, "grad_clip": 1.0, "dequantize": True,
+    "input_features": 0, "input_scale": 1.0, "disc_input_features": 0, "disc_input_scale": 1.0}
 
 
 def test_presets_are_unchanged_and_config_defaults_are_the_image_preset(toy, digits):
@@ -131,14 +136,19 @@ def test_digits_to_data_inverts_the_binning(digits):
 def test_grid25_modes_oracle():
     mix = grid25().mixture
     g = torch.Generator().manual_seed(0)
-    out = ddgan.grid25_modes(mix.sample(5000, g))
+    out = grid25_modes(mix.sample(5000, g))
     assert out["modes_hit"] == 25
     # 2-D isotropic Gaussian: P(|n| < 3 std) = 1 - exp(-4.5).
     p = 1 - math.exp(-4.5)
     assert abs(out["within_3std"] - p) < 5 * math.sqrt(p * (1 - p) / 5000)
     keep = mix.means[:20].float()
     x = keep[torch.randint(20, (2000,), generator=g)]
-    assert ddgan.grid25_modes(x)["modes_hit"] == 20
+    assert grid25_modes(x)["modes_hit"] == 20
+    # Pearson's chi-square of 25 multinomial counts: mean 24 (df), std sqrt(48).
+    chi = [grid25_modes(mix.sample(2000, torch.Generator().manual_seed(s)))["chi2"] for s in range(20)]
+    assert abs(sum(chi) / 20 - 24) < 4 * math.sqrt(48 / 20)
+    # All samples in one mode: counts (2000, 0, ...): chi2 = 24 * 2000.
+    assert grid25_modes(mix.means[:1].float().repeat(2000, 1))["chi2"] == pytest.approx(24 * 2000)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ class _FakeCtx:
     def m(self, name):
         return self.net
 
+    def lr_scale(self, warmup, min_frac=1.0, offset=0):
+        return 1.0
+
     def optimize(self, name, loss):
         self.losses.append(float(loss))
 

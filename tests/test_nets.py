@@ -256,6 +256,9 @@ ROLES = {  # one config per use of TimeMLP in the families
     "cld_score": MLPConfig(in_dim=4, out_dim=2, time_embedding="fourier_log"),
     "ddpm_eps": MLPConfig(in_dim=2, out_dim=2, time_mode="add"),
     "ddgan_generator_add": MLPConfig(in_dim=2, out_dim=2, z_dim=8, time_mode="add", hidden=64, num_layers=3),
+    "ddpm_eps_fourier": MLPConfig(in_dim=2, out_dim=2, input_features=16, input_scale=3.0),
+    "ddgan_discriminator_fourier": MLPConfig(in_dim=4, out_dim=1, time_embedding="sinusoidal",
+                                             time_scale=1.0, input_features=8, time_mode="add"),
 }
 
 
@@ -287,6 +290,61 @@ def test_mlp_bad_inputs():
         MLPConfig(time_mode="film")
     cfg = ROLES["cld_score"]
     assert MLPConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_input_fourier_features_match_closed_form_and_are_not_saved():
+    cfg = MLPConfig(in_dim=2, out_dim=2, input_features=5, input_scale=3.0)
+    net, twin = TimeMLP(cfg), TimeMLP(cfg)
+    B = net.inputs.B
+    assert B.shape == (2, 5) and torch.equal(B, twin.inputs.B)     # seeded: same net, same B
+    assert 2.0 < float(B.std()) < 4.5                                # N(0, 3^2) draws
+    x = torch.randn(7, 2, dtype=torch.float64)
+    want = torch.cat([x, torch.sin(2 * math.pi * x @ B.double()),
+                      torch.cos(2 * math.pi * x @ B.double())], dim=1)
+    got = net.inputs(x.float())
+    assert got.shape == (7, 12)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+    # B is rebuilt from its seed, never stored: an fp16 release would round it.
+    assert not any(k.startswith("inputs") for k in net.state_dict())
+    plain = TimeMLP(MLPConfig(in_dim=2, out_dim=2))
+    assert plain.inputs is None and "hidden.0.weight" in plain.state_dict()
+    assert plain.hidden[0].in_features == 2 + 32 and net.hidden[0].in_features == 12 + 32
+    # A card written before the field existed rebuilds the plain net.
+    old = {k: v for k, v in plain.cfg.to_dict().items() if not k.startswith("input_")}
+    assert MLPConfig.from_dict(old) == plain.cfg
+
+
+def test_input_fourier_features_resolve_what_raw_coordinates_cannot():
+    """Spectral bias, measured: fit the grid25 mode-offset map x -> x - nearest grid point (a
+    sawtooth of period 0.707, the shape of an eps-net at small noise) for the same few hundred
+    steps; the net with Fourier features of x gets several times closer."""
+    g = torch.Generator().manual_seed(0)
+    spacing = 2 / math.sqrt(2) / 2
+    x = (torch.rand(4096, 2, generator=g) - 0.5) * 3.0
+    y = x - torch.round(x / spacing) * spacing
+    errs = {}
+    for m in (0, 32):
+        torch.manual_seed(0)
+        net = TimeMLP(MLPConfig(in_dim=2, out_dim=2, hidden=64, num_layers=3, input_features=m,
+                                input_scale=2.0, zero_init_out=False))
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        t = torch.full((256,), 0.5)
+        for i in range(300):
+            idx = torch.randint(0, 4096, (256,), generator=g)
+            loss = (net(x[idx], t) - y[idx]).square().mean()
+            opt.zero_grad(); loss.backward(); opt.step()
+        with torch.no_grad():
+            errs[m] = float((net(x, torch.full((4096,), 0.5)) - y).square().mean())
+    assert errs[32] < errs[0] / 3, errs
+
+
+def test_input_fourier_config_validation():
+    for bad in ({"input_features": -1}, {"input_features": True}, {"input_features": 2.0}):
+        with pytest.raises(ValueError, match="input_features"):
+            MLPConfig(**bad)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="input_scale"):
+            MLPConfig(input_features=4, input_scale=bad)
 
 
 # ---- VAE --------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Training loop: exact resume after a kill, DDP == one process, non-finite guard, bad outputs."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -128,6 +129,27 @@ def test_bad_config():
         TrainConfig(amp="fp8")
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
+
+
+def test_lr_scale_is_warmup_then_cosine_to_min_frac():
+    from fastsample.train.loop import StepContext
+
+    class Loop:
+        cfg = TrainConfig(steps=100)
+
+    ctx = StepContext(Loop())
+    def at(step, *a, **k):
+        ctx.step = step
+        return ctx.lr_scale(*a, **k)
+    assert at(5, 10) == pytest.approx(0.5)                        # warm-up, min_frac 1: constant after
+    assert at(50, 10) == 1.0 and at(100, 10) == 1.0
+    assert at(0, 0, 0.0) == pytest.approx(1.0)
+    assert at(50, 0, 0.0) == pytest.approx(0.5)                   # cosine midpoint
+    assert at(100, 0, 0.1) == pytest.approx(0.1)                  # ends at min_frac
+    assert at(25, 0, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    # A stage of 20 steps before: the cosine spans the remaining 80.
+    assert at(60, 0, 0.0, offset=20) == pytest.approx(0.5)
+    assert at(10, 0, 0.0, offset=20) == pytest.approx(1.0)        # still in the first stage
 
 
 def test_time_limit_stops_cleanly_with_a_final_checkpoint(tmp_path):

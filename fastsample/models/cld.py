@@ -59,6 +59,9 @@ class Config:
     loss_eps: float = 1e-5              # training draws t ~ U[loss_eps, 1]
     lr: float = 1e-3                    # Adam learning rate
     warmup: int = 200                   # linear learning-rate warm-up, optimiser steps
+    lr_min_frac: float = 1.0            # cosine decay to lr * lr_min_frac at the last step; 1 = constant
+    input_features: int = 0             # toy MLP: random Fourier features of (x, v) (MLPConfig); 0 = off
+    input_scale: float = 1.0            # toy MLP: their frequency std, cycles per unit
     train_steps: int = 2000             # optimiser steps of `fastsample train` (digits: 8.8 it/s on 1 CPU thread, ~4 min)
     batch_size: int = 128               # global batch
     ema_decay: float = 0.999            # EMA of the released weights
@@ -86,6 +89,8 @@ class Config:
             raise ValueError(f"Config.eval_nfe = {self.eval_nfe!r}; must be >= 2")
         if self.warmup < 0:
             raise ValueError(f"Config.warmup = {self.warmup!r}; must be >= 0")
+        if not 0.0 <= self.lr_min_frac <= 1.0:
+            raise ValueError(f"Config.lr_min_frac = {self.lr_min_frac!r}; must lie in [0, 1]")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"Config.lr = {self.lr!r}; must be a positive finite number")
         if not 0 <= self.ema_decay < 1:
@@ -107,7 +112,8 @@ class Config:
         d = self.data_shape[0]
         return MLPConfig(in_dim=2 * d, out_dim=d, hidden=self.mlp_hidden,
                          num_layers=self.mlp_layers, time_embedding="fourier_log",
-                         fourier_scale=self.fourier_scale)
+                         fourier_scale=self.fourier_scale, input_features=self.input_features,
+                         input_scale=self.input_scale)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -260,7 +266,7 @@ def hsm_loss(net: nn.Module, cld: CLD, x0: torch.Tensor, t: torch.Tensor, eps_x:
 def hsm_step(ctx, cfg: Config, cld: CLD, opt: torch.optim.Optimizer, x0: torch.Tensor,
              step: int) -> torch.Tensor:
     """One HSM update of the optimiser group "net" on model-space data x0; `step` (1, 2, ...)
-    drives the linear lr warm-up. Returns the detached loss."""
+    drives the lr schedule (ctx.lr_scale). Returns the detached loss."""
     N = x0.shape[0]
     eps_l = cfg.loss_eps
     t = eps_l + (1.0 - eps_l) * ctx.rand(N, dtype=torch.float64)
@@ -268,8 +274,7 @@ def hsm_step(ctx, cfg: Config, cld: CLD, opt: torch.optim.Optimizer, x0: torch.T
     eps_v = ctx.randn(*x0.shape)
     loss = hsm_loss(ctx.m("net"), cld, x0, t, eps_x, eps_v, cfg.mixed_score,
                     cfg.weighting).mean()
-    # Warm-up from the step counter (not a scheduler object) so exact resume needs no state.
-    scale = min(1.0, step / cfg.warmup) if cfg.warmup else 1.0
+    scale = ctx.lr_scale(cfg.warmup, cfg.lr_min_frac, offset=ctx.step - step)
     for group in opt.param_groups:
         group["lr"] = cfg.lr * scale
     ctx.optimize("net", loss)

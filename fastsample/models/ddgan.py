@@ -46,6 +46,10 @@ class Config:
     disc_mbstd: int = 0             # image D: minibatch-std group size (0 = off)
     hidden: int = 128               # MLP width (G and D, 2D only)
     num_layers: int = 4             # MLP hidden layers (G and D, 2D only)
+    input_features: int = 0         # MLP G: random Fourier features of x_i (MLPConfig); 0 = off
+    input_scale: float = 1.0        # ... their frequency std, cycles per unit
+    disc_input_features: int = 0    # MLP D: random Fourier features of (x_{i-1}, x_i); 0 = off
+    disc_input_scale: float = 1.0   # ... their frequency std (D must resolve modes of std 0.018)
     lr_g: float = 1.6e-4            # generator Adam lr (sec. 3)
     lr_d: float = 1.25e-4           # discriminator Adam lr (sec. 3)
     beta1: float = 0.5              # Adam beta1 (sec. 3)
@@ -62,6 +66,8 @@ class Config:
     batch_size: int = 64            # default global batch (the CLI reads it)
     ema_decay: float = 0.999        # EMA of G weights (the CLI reads it)
     grad_clip: float = 0.0          # max grad norm per optimiser group (the CLI reads it); 0 = off
+    dequantize: bool = True         # images: train on uniformly dequantised grey levels (the CLI
+                                    # reads it); False: on the exact levels k/16
 
     def __post_init__(self):
         object.__setattr__(self, "disc_ch_mult", tuple(self.disc_ch_mult))
@@ -83,6 +89,8 @@ class Config:
         if isinstance(self.disc_mbstd, bool) or not isinstance(self.disc_mbstd, int) \
                 or self.disc_mbstd < 0:
             raise ValueError(f"ddgan Config.disc_mbstd = {self.disc_mbstd!r}; must be an int >= 0")
+        if not isinstance(self.dequantize, bool):
+            raise ValueError(f"ddgan Config.dequantize = {self.dequantize!r}; must be true or false")
         if not self.grad_clip >= 0:
             raise ValueError(f"ddgan Config.grad_clip = {self.grad_clip!r}; must be >= 0 (0 = off)")
         if not self.r1_gamma >= 0:
@@ -127,7 +135,8 @@ def generator_config(cfg: Config, data_shape: tuple) -> UNetConfig | MLPConfig:
                                  time_embedding="sinusoidal", time_scale=1.0)
     (D,) = data_shape
     return MLPConfig(in_dim=D, out_dim=D, hidden=cfg.hidden, num_layers=cfg.num_layers,
-                     z_dim=cfg.z_dim, time_embedding="sinusoidal", time_scale=1.0)
+                     z_dim=cfg.z_dim, time_embedding="sinusoidal", time_scale=1.0,
+                     input_features=cfg.input_features, input_scale=cfg.input_scale)
 
 
 def build_generator(net_cfg: UNetConfig | MLPConfig) -> nn.Module:
@@ -155,7 +164,9 @@ def build_discriminator(cfg: Config, data_shape: tuple) -> nn.Module:
     # A zero output layer would leave D blind at the start; a GAN wants a live critic from step 1.
     return MLPDiscriminator(MLPConfig(in_dim=2 * D, out_dim=1, hidden=cfg.hidden,
                                       num_layers=cfg.num_layers, time_embedding="sinusoidal",
-                                      time_scale=1.0, zero_init_out=False))
+                                      time_scale=1.0, zero_init_out=False,
+                                      input_features=cfg.disc_input_features,
+                                      input_scale=cfg.disc_input_scale))
 
 
 def _check_arch(cfg: Config, kind: str) -> None:
@@ -381,23 +392,8 @@ class Family:
             out = metrics.evaluate(x.cpu(), self.data.name)
         else:
             out = {"n": len(x)}
-        if self.data.name == "toy2d:grid25":
-            out.update(grid25_modes(x.cpu()))
         out["nfe"] = nfe
         return out
-
-
-def grid25_modes(x: torch.Tensor, min_share: float = 0.2) -> dict:
-    """grid25 mode coverage by the nearest-mean rule: every sample belongs to its nearest mean; a
-    mode is hit when it holds at least min_share of the uniform share 1/25 of the samples.
-    Also the share of samples within 3 component stds of their mean (sample sharpness)."""
-    from fastsample.data.toy2d import grid25
-    mix = grid25().mixture
-    means, std = mix.means.float(), float(mix.stds[0])
-    dist, k = torch.cdist(x.float(), means).min(dim=1)  # nearest mean per sample
-    counts = torch.bincount(k, minlength=len(means))
-    hit = int((counts >= min_share * len(x) / len(means)).sum())
-    return {"modes_hit": hit, "within_3std": float((dist < 3 * std).float().mean())}
 
 
 FORMAT1_FIELD_DEFAULTS = {"grad_clip": 1.0, "disc_mbstd": 0, "t_power": 1.0}
@@ -429,7 +425,7 @@ def _json_safe(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-__all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS", "grid25_modes",
+__all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS",
            "generator_config", "build_generator", "build_discriminator", "schedule_of",
            "SamplerGraph", "sampler_part"]
 

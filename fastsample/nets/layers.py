@@ -91,6 +91,33 @@ class SinusoidalFeatures(nn.Module):
             return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)  # (N, dim)
 
 
+class InputFourierFeatures(nn.Module):
+    """x (N, d) -> [x, sin(2 pi x B), cos(2 pi x B)] (N, d + 2m), B (d, m) ~ N(0, scale^2) fixed.
+
+    Random Fourier features of the input (Tancik et al. 2020): an MLP on raw coordinates learns
+    high frequencies slowly (spectral bias), and a score or critic on sharp 2D modes (grid25:
+    std 0.0177 against a spread of ~1) needs exactly those. x itself is kept so the low
+    frequencies stay linear. B is rebuilt from its seed, not saved: the released checkpoints store
+    fp16, and a rounded B would shift every phase the net was trained on. Computed in float32:
+    2 pi x B reaches ~50, where fp16 keeps 2 decimals.
+    """
+
+    def __init__(self, in_dim: int, m: int, scale: float, seed: int = 1):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("B", torch.randn(in_dim, m, generator=g) * scale, persistent=False)
+
+    @property
+    def out_dim(self) -> int:
+        return self.B.shape[0] + 2 * self.B.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            proj = 2 * math.pi * (x.float() @ self.B.float())
+            feats = torch.cat([torch.sin(proj), torch.cos(proj)], dim=1).to(x.dtype)
+        return torch.cat([x, feats], dim=1)
+
+
 def time_features(kind: str, dim: int, fourier_scale: float, time_scale: float) -> nn.Module:
     if kind == "fourier_log":
         return GaussianFourierFeatures(dim, fourier_scale)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from fastsample.nets.layers import (TIME_EMBEDDINGS, check_input, config_from_dict, time_features,
-                                    zero_module)
+from fastsample.nets.layers import (TIME_EMBEDDINGS, InputFourierFeatures, check_input,
+                                    config_from_dict, time_features, zero_module)
 
 TIME_MODES = ("concat", "add")
 
@@ -34,11 +34,18 @@ class MLPConfig:
     time_scale: float = 1000.0              # sinusoidal multiplier: 1000 for t in [0, 1], 1 for a step index
     time_mode: str = "concat"               # "concat": [x, emb(t), z] is the input; "add": a projection of emb(t) (and z) is added to every hidden layer
     zero_init_out: bool = True              # zero the output layer so a fresh net outputs 0
+    input_features: int = 0                 # random Fourier features of the input: m frequencies (0 = raw x only)
+    input_scale: float = 1.0                # std of those frequencies, in cycles per unit of x
 
     def __post_init__(self):
         for name in ("in_dim", "out_dim", "hidden", "num_layers", "time_dim"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"MLPConfig.{name} = {getattr(self, name)}; must be >= 1")
+        if isinstance(self.input_features, bool) or not isinstance(self.input_features, int) \
+                or self.input_features < 0:
+            raise ValueError(f"MLPConfig.input_features = {self.input_features!r}; must be an int >= 0")
+        if not (isinstance(self.input_scale, (int, float)) and 0 < self.input_scale < float("inf")):
+            raise ValueError(f"MLPConfig.input_scale = {self.input_scale!r}; must be a positive finite number")
         if self.z_dim < 0:
             raise ValueError(f"MLPConfig.z_dim = {self.z_dim}; must be >= 0 (0 = no z)")
         if self.time_embedding not in TIME_EMBEDDINGS:
@@ -69,11 +76,14 @@ class TimeMLP(nn.Module):
                                       cfg.time_scale)
         cond_dim = cfg.time_dim + cfg.z_dim
         self.act = nn.SiLU()
+        self.inputs = (InputFourierFeatures(cfg.in_dim, cfg.input_features, cfg.input_scale)
+                       if cfg.input_features else None)
+        x_dim = self.inputs.out_dim if self.inputs is not None else cfg.in_dim
         if cfg.time_mode == "concat":
-            d = cfg.in_dim + cond_dim
+            d = x_dim + cond_dim
             self.cond = None
         else:
-            d = cfg.in_dim
+            d = x_dim
             # One projection for all layers, split per layer: the condition shifts each
             # pre-activation, as time embeddings do in the U-Net's blocks.
             self.cond = nn.Linear(cond_dim, cfg.num_layers * cfg.hidden)
@@ -99,6 +109,8 @@ class TimeMLP(nn.Module):
         elif z is not None:
             raise ValueError("z was given but MLPConfig.z_dim = 0; this net takes no z")
 
+        if self.inputs is not None:
+            x = self.inputs(x)
         if self.cond is None:
             h = torch.cat([x, c], dim=1)
             for layer in self.hidden:

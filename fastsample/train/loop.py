@@ -136,6 +136,17 @@ class StepContext:
         """The run's step budget (TrainConfig.steps), for schedules that span the whole run."""
         return self._loop.cfg.steps
 
+    def lr_scale(self, warmup: int, min_frac: float = 1.0, offset: int = 0) -> float:
+        """Learning-rate multiplier at this step: linear warm-up over `warmup` steps, then a cosine
+        from 1 down to `min_frac` at the end of the run (min_frac 1 = constant). `offset` steps at
+        the start belong to another stage (a latent model's VAE) and are not counted. Read from the
+        step counter, so an exact resume needs no scheduler state."""
+        step = self.step - offset
+        total = max(1, self.total_steps - offset)
+        warm = min(1.0, step / warmup) if warmup else 1.0
+        frac = min(max(step, 0), total) / total
+        return warm * (min_frac + (1.0 - min_frac) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
     def m(self, name: str) -> nn.Module:
         """The module to call in the step (DDP-wrapped when distributed)."""
         return self._loop.wrapped[name]
