@@ -445,15 +445,16 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         grad_clip=getattr(cfg, "grad_clip", TrainConfig.grad_clip),
         device=ns.device, ckpt_every=ns.ckpt_every, log_every=ns.log_every,
         eval_every=ns.eval_every, progress=not ns.no_progress, max_minutes=ns.max_minutes)
+    # A family may train on the exact grey levels (a GAN needs no continuous density).
+    dequantize = data.kind == "image" and getattr(cfg, "dequantize", True)
     if ns.dry_run:
         print(json.dumps({"family": ns.model, "data": ns.data,
                           "config": dataclasses.asdict(cfg),
-                          "train": dataclasses.asdict(tcfg)}, indent=2, default=str))
+                          "train": dataclasses.asdict(tcfg), "dequantize": dequantize},
+                         indent=2, default=str))
         return 0
     family = mod.Family(data, cfg)
     evaluate = None if ns.no_eval else getattr(family, "evaluate", None)
-    # A family may train on the exact grey levels (a GAN needs no continuous density).
-    dequantize = data.kind == "image" and getattr(cfg, "dequantize", True)
     metrics = train(family, batch_sampler(data, dequantize=dequantize), tcfg, ns.out,
                     resume=ns.resume, evaluate=evaluate,
                     card_extra={"command": "fastsample train " + " ".join(sys.argv[2:])})

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -158,7 +159,7 @@ def test_step_draws_t_in_float64_within_loss_range():
 
         def rand(self, *shape, dtype=torch.float32):
             seen["dtype"] = dtype
-            return torch.tensor([0.0, 1.0 - 1e-16], dtype=dtype)
+            return torch.tensor([0.0, 0.5, 1.0 - 1e-16], dtype=dtype)
 
         def randn(self, *shape):
             return torch.zeros(shape)
@@ -176,12 +177,19 @@ def test_step_draws_t_in_float64_within_loss_range():
             seen["loss"] = loss
 
     data = load_dataset("toy2d:diamond", split="test")
-    fam = M.Family(data, M.default_config(data))
-    fam.optimizers(fam.modules())
-    fam.step(Ctx(), data.x[:2])
-    assert seen["dtype"] == torch.float64
-    assert float(seen["t"].min()) == pytest.approx(1e-5) and float(seen["t"].max()) <= 1.0
-    assert seen["loss"].dtype == torch.float32
+    for power in (1.0, 3.0):
+        cfg = dataclasses.replace(M.default_config(data), loss_t_power=power)
+        fam = M.Family(data, cfg)
+        fam.optimizers(fam.modules())
+        fam.step(Ctx(), data.x[:3])
+        assert seen["dtype"] == torch.float64
+        assert float(seen["t"].min()) == pytest.approx(1e-5) and float(seen["t"].max()) <= 1.0
+        # t = eps + (1 - eps) u^power: the median draw moves to small t.
+        assert float(seen["t"][1]) == pytest.approx(1e-5 + (1 - 1e-5) * 0.5 ** power, rel=1e-4)
+        assert seen["loss"].dtype == torch.float32
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="loss_t_power"):
+            dataclasses.replace(M.default_config(data), loss_t_power=bad)
 
 
 #-----------------------------------------------------------------------------------------------

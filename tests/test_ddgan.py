@@ -125,6 +125,20 @@ def test_cli_takes_grad_clip_from_the_family_config(capsys):
     assert train_cfg("--data", "toy2d:grid25")["grad_clip"] == 1.0
 
 
+def test_cli_trains_on_exact_grey_levels_when_the_config_says_so(capsys):
+    from fastsample.cli import main
+
+    def dequantized(*args):
+        assert main(["train", "--model", "ddgan", "--out", "unused", "--dry-run", *args]) == 0
+        return json.loads(capsys.readouterr().out)["dequantize"]
+
+    assert dequantized("--data", "digits", "--set", "dequantize=true") is True
+    assert dequantized("--data", "digits", "--set", "dequantize=false") is False
+    assert dequantized("--data", "toy2d:grid25") is False          # points are never dequantised
+    exact = batch_sampler(load_dataset("digits"), dequantize=False)(64, torch.Generator().manual_seed(0))
+    assert torch.equal(exact * 16, torch.round(exact * 16))          # levels k/16, no noise
+
+
 def test_digits_to_data_inverts_the_binning(digits):
     y = dequantize_digits(digits.x[:50], torch.Generator().manual_seed(0))
     x_model = ddgan.to_model(y, "image")

@@ -56,7 +56,8 @@ class Config:
     gamma: float = 0.04                 # v0 ~ N(0, gamma M)
     numerical_eps: float = 1e-9         # added to Sigma_xx, Sigma_vv before each Cholesky (sec. 2.4)
     sampling_eps: float = 1e-3          # samplers stop at forward time sampling_eps, then denoise
-    loss_eps: float = 1e-5              # training draws t ~ U[loss_eps, 1]
+    loss_eps: float = 1e-5              # training draws t = loss_eps + (1 - loss_eps) u^loss_t_power, u ~ U[0, 1]
+    loss_t_power: float = 1.0           # > 1 draws small t more often (same optimum, other emphasis)
     lr: float = 1e-3                    # Adam learning rate
     warmup: int = 200                   # linear learning-rate warm-up, optimiser steps
     lr_min_frac: float = 1.0            # cosine decay to lr * lr_min_frac at the last step; 1 = constant
@@ -89,6 +90,8 @@ class Config:
             raise ValueError(f"Config.eval_nfe = {self.eval_nfe!r}; must be >= 2")
         if self.warmup < 0:
             raise ValueError(f"Config.warmup = {self.warmup!r}; must be >= 0")
+        if not (isinstance(self.loss_t_power, (int, float)) and 0 < self.loss_t_power < 100):
+            raise ValueError(f"Config.loss_t_power = {self.loss_t_power!r}; must lie in (0, 100)")
         if not 0.0 <= self.lr_min_frac <= 1.0:
             raise ValueError(f"Config.lr_min_frac = {self.lr_min_frac!r}; must lie in [0, 1]")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -269,7 +272,8 @@ def hsm_step(ctx, cfg: Config, cld: CLD, opt: torch.optim.Optimizer, x0: torch.T
     drives the lr schedule (ctx.lr_scale). Returns the detached loss."""
     N = x0.shape[0]
     eps_l = cfg.loss_eps
-    t = eps_l + (1.0 - eps_l) * ctx.rand(N, dtype=torch.float64)
+    u = ctx.rand(N, dtype=torch.float64)
+    t = eps_l + (1.0 - eps_l) * (u if cfg.loss_t_power == 1.0 else u ** cfg.loss_t_power)
     eps_x = ctx.randn(*x0.shape)
     eps_v = ctx.randn(*x0.shape)
     loss = hsm_loss(ctx.m("net"), cld, x0, t, eps_x, eps_v, cfg.mixed_score,
