@@ -1,0 +1,52 @@
+"""The released checkpoints against issue #20's bars, measured as the bars say: 2000 samples, 3
+sampler seeds, every seed must pass. A bar a release does not meet yet is an xfail(strict): it
+documents the measured gap, and the day a release meets it the test XPASSes and fails, so the
+mark must go.
+
+grid25 (metrics.grid25_modes): >= 90% of samples within 3 std of their mode, all 25 modes with
+>= 1% of the uniform share, and Pearson's chi-square of the mode counts within 3x the exact
+data's (mean over the same seeds; ~24 for 25 counts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastsample import samplers
+from fastsample.data.toy2d import grid25
+from fastsample.metrics import grid25_modes
+from fastsample.models import get, load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
+
+N, SEEDS = 2000, (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def exact_chi2():
+    mix = grid25().mixture
+    chi = [grid25_modes(mix.sample(N, torch.Generator().manual_seed(1000 + s)))["chi2"]
+           for s in SEEDS]
+    return sum(chi) / len(chi)
+
+
+def _grid25_rows(family: str, sampler: str, steps: int | None, **opts) -> list[dict]:
+    model, card = load_model(f"checkpoints/grid25/{family}.safetensors")
+    entry = get(card.family)
+    rows = []
+    for seed in SEEDS:
+        x, _ = samplers.sample(entry.sampling, model, sampler, steps, N, seed, "cpu",
+                               progress=False, **opts)
+        rows.append(grid25_modes(model.to_data(x), min_share=0.01))
+    return rows
+
+
+def _check(rows: list[dict], exact_chi2: float) -> None:
+    for r in rows:
+        assert r["within_3std"] >= 0.90, rows
+        assert r["modes_hit"] == 25, rows
+        assert r["chi2"] <= 3 * exact_chi2, (rows, exact_chi2)
+
+
+def test_grid25_ddpm_ddim50_is_sharp(exact_chi2):
+    _check(_grid25_rows("ddpm", "ddim", 50), exact_chi2)
