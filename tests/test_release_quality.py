@@ -50,3 +50,7 @@ def _check(rows: list[dict], exact_chi2: float) -> None:
 
 def test_grid25_ddpm_ddim50_is_sharp(exact_chi2):
     _check(_grid25_rows("ddpm", "ddim", 50), exact_chi2)
+
+
+def test_grid25_cld_sscs50_is_sharp(exact_chi2):
+    _check(_grid25_rows("cld", "sscs", 50, schedule="quadratic"), exact_chi2)
