@@ -54,3 +54,10 @@ def test_grid25_ddpm_ddim50_is_sharp(exact_chi2):
 
 def test_grid25_cld_sscs50_is_sharp(exact_chi2):
     _check(_grid25_rows("cld", "sscs", 50, schedule="quadratic"), exact_chi2)
+
+
+@pytest.mark.xfail(strict=True, reason="released grid25 DDGAN-4: 64.5-67.1% within 3 std, chi2 "
+                   "118-151 (3 seeds, 2000 samples); its step 2 (the multimodal one under "
+                   "t_power 3) is the gap, docs/grid25.md")
+def test_grid25_ddgan4_is_sharp(exact_chi2):
+    _check(_grid25_rows("ddgan", "posterior", 4), exact_chi2)

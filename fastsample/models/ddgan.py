@@ -111,7 +111,7 @@ def default_config(data) -> Config:
     modes of std 0.018 (grid25, docs/grid25.md): 64 Fourier features of the input at 2
     cycles/unit for G and D (a raw-coordinate D stays at chance), R1 0.005 (0.05 keeps D too
     smooth to see the modes), t_power 3 (the last step becomes a near-unimodal denoise, from
-    alpha_bar 0.996) and 12000 steps: 2.4% -> 66% of samples within 3 std of a mode.
+    alpha_bar 0.996) and 12000 steps: 2.4% -> 65% of samples within 3 std of a mode.
     What was tried and measured, and not kept: docs/ddgan_tuning.md."""
     if data.kind == "image":
         return Config(arch="unet", disc_mbstd=4)
