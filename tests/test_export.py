@@ -77,6 +77,12 @@ def _spec(man):
 #-----------------------------------------------------------------------------------------------
 # ONNX + ONNX Runtime, one per --what.
 
+# The grid25 DDGAN's MLPs take sin / cos of 2 pi x B (input Fourier features), arguments up to
+# ~50 where a float32 ulp is 4e-6; ONNX Runtime's sin and torch's differ by an ulp or so there,
+# and the sampler graph chains 4 generator calls (measured: 2.5e-5).
+_ONNX_ATOL = {"ddgan-sampler": 5e-5}
+
+
 @pytest.mark.parametrize("name", list(ONNX_CASES))
 def test_onnx_runtime_matches_eager(artifacts, name):
     d = artifacts(name)
@@ -101,7 +107,7 @@ def test_onnx_runtime_matches_eager(artifacts, name):
         want = [want] if isinstance(want, torch.Tensor) else list(want)
         for g, w in zip(got, want):
             assert g.shape == tuple(w.shape)
-            np.testing.assert_allclose(g, w.numpy(), atol=2e-5, rtol=1e-4)
+            np.testing.assert_allclose(g, w.numpy(), atol=_ONNX_ATOL.get(name, 2e-5), rtol=1e-4)
     assert man["parity"]["passed"] and man["parity"]["max_abs"] < 1e-4
 
 
@@ -467,6 +473,7 @@ def _check_front_model(repo, sess, model):
         del sys.modules["triton_python_backend_utils"]
     from fastsample.samplers.ddgan import sample
     want, _ = sample(model, "posterior", model.T, 3, 7)
-    np.testing.assert_allclose(r_good.outputs["samples"].arr, want.numpy(), atol=1e-5,
-                               rtol=1e-5)
+    # ONNX Runtime against eager torch: ulp-level sin / cos differences (see _ONNX_ATOL).
+    np.testing.assert_allclose(r_good.outputs["samples"].arr, want.numpy(),
+                               atol=_ONNX_ATOL["ddgan-sampler"], rtol=1e-5)
     assert r_good.error is None and "seed must be one integer" in r_bad.error

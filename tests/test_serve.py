@@ -118,7 +118,9 @@ def test_onnx_backend_samples_are_fastsample_samples(server, cache, tmp_path):
     got = _infer(server, MODEL, SEED, N)
     f = tmp_path / "s.npz"
     assert cli(["sample", CKPT, "--num", str(N), "--seed", str(SEED), "--out", str(f)]) == 0
-    np.testing.assert_allclose(got, np.load(f)["samples"], atol=1e-5, rtol=1e-5)
+    # 5e-5: ONNX Runtime's sin / cos of the MLPs' input Fourier features (arguments up to ~50)
+    # differ from torch's by an ulp, over 4 chained generator calls (tests/test_export.py).
+    np.testing.assert_allclose(got, np.load(f)["samples"], atol=5e-5, rtol=1e-5)
     art = cache / f"{MODEL}-sampler-onnx"
     man = json.loads((art / "manifest.json").read_text())
     model, card = load_model(CKPT)
@@ -324,7 +326,7 @@ def test_weight_reload_takes_the_new_weights(cache, tmp_path):
                         "--out", str(out)]) == 0
             got, want = _infer(s, m, 3, 2), np.load(out)["samples"]
             assert not np.allclose(got, old[m])
-            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)   # see above
         shutil.copyfile("checkpoints/grid25/cld.safetensors", ckpt)
         st, _, body = post(s.port, "/v2/repository/models/e/load", b"")
         assert st == 400 and "reloading e" in json.loads(body)["error"]
