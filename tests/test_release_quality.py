@@ -37,7 +37,7 @@ def _grid25_rows(family: str, sampler: str, steps: int | None, **opts) -> list[d
     for seed in SEEDS:
         x, _ = samplers.sample(entry.sampling, model, sampler, steps, N, seed, "cpu",
                                progress=False, **opts)
-        rows.append(grid25_modes(model.to_data(x), min_share=0.01))
+        rows.append(grid25_modes(x, min_share=0.01))   # the driver returns data space
     return rows
 
 
