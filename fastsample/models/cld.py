@@ -272,9 +272,10 @@ def hsm_loss(net: nn.Module, cld: CLD, x0: torch.Tensor, t: torch.Tensor, eps_x:
 
 
 def hsm_step(ctx, cfg: Config, cld: CLD, opt: torch.optim.Optimizer, x0: torch.Tensor,
-             step: int) -> torch.Tensor:
-    """One HSM update of the optimiser group "net" on model-space data x0; `step` (1, 2, ...)
-    drives the lr schedule (ctx.lr_scale). Returns the detached loss."""
+             offset: int = 0) -> torch.Tensor:
+    """One HSM update of the optimiser group "net" on model-space data x0; the lr follows
+    ctx.lr_scale, its schedule starting after `offset` steps of an earlier stage (a latent
+    model's VAE). Returns the detached loss."""
     N = x0.shape[0]
     eps_l = cfg.loss_eps
     u = ctx.rand(N, dtype=torch.float64)
@@ -283,7 +284,7 @@ def hsm_step(ctx, cfg: Config, cld: CLD, opt: torch.optim.Optimizer, x0: torch.T
     eps_v = ctx.randn(*x0.shape)
     loss = hsm_loss(ctx.m("net"), cld, x0, t, eps_x, eps_v, cfg.mixed_score,
                     cfg.weighting).mean()
-    scale = ctx.lr_scale(cfg.warmup, cfg.lr_min_frac, offset=ctx.step - step)
+    scale = ctx.lr_scale(cfg.warmup, cfg.lr_min_frac, offset=offset)
     for group in opt.param_groups:
         group["lr"] = cfg.lr * scale
     ctx.optimize("net", loss)
@@ -313,7 +314,7 @@ class Family:
 
     def step(self, ctx, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         x0 = 2 * batch - 1 if self.is_image else batch
-        return {"loss": hsm_step(ctx, self.config, self.cld, self._opt, x0, ctx.step)}
+        return {"loss": hsm_step(ctx, self.config, self.cld, self._opt, x0)}
 
     def card(self) -> dict:
         net_cfg = self.config.net_config()

@@ -125,7 +125,7 @@ class Family:
             return out
         z0 = latent.encode_latents(ctx, batch)
         return {"loss": cld.hsm_step(ctx, self.config, self.cld, self._opt, z0,
-                                     ctx.step - self.config.vae_steps)}
+                                     offset=self.config.vae_steps)}
 
     def card(self) -> dict:
         config = self.config.to_dict()
