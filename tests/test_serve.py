@@ -149,16 +149,8 @@ def test_dynamic_batching_merges_requests_without_changing_them(server):
 
     async def burst():
         conns = [await Conn(server.port).open() for _ in alone]
-        try:
-            return await asyncio.gather(*(
-                c.request("POST", f"/v2/models/{MODEL}/infer", infer_body(s, 1 + s % 3))
-                for c, s in zip(conns, alone)))
-        finally:
-            for c in conns:
-                c.close()
-    for (st, h, body), s in zip(asyncio.run(burst()), alone):
-        assert st == 200
-        np.testing.assert_allclose(samples_of(h, body), alone[s], atol=1e-6, rtol=1e-6)
+        return await _post_all(conns, [infer_body(s, 1 + s % 3) for s in alone])
+    _assert_own_samples(asyncio.run(burst()), alone)
     after = batch_histogram(server.port, MODEL)
     batches = after["+Inf"] - before["+Inf"]
     assert batches < len(alone), f"{len(alone)} concurrent requests ran as {batches} batches"
@@ -168,6 +160,23 @@ def test_dynamic_batching_merges_requests_without_changing_them(server):
 # Bad input: one 4xx with one clear message, and the server keeps serving.
 
 INFER = f"/v2/models/{MODEL}/infer"
+
+
+async def _post_all(conns, bodies):
+    """POST each body to INFER on its own open connection, all at once; close them after."""
+    try:
+        return await asyncio.gather(*(c.request("POST", INFER, b) for c, b in zip(conns, bodies)))
+    finally:
+        for c in conns:
+            c.close()
+
+
+def _assert_own_samples(replies, want: dict):
+    """Each reply (status, headers, body), in the order of `want`'s seeds, is 200 and holds the
+    samples that seed gets alone."""
+    for (st, h, body), s in zip(replies, want):
+        assert st == 200
+        np.testing.assert_allclose(samples_of(h, body), want[s], atol=1e-6, rtol=1e-6)
 
 
 def _tensor(name="seed", datatype="INT64", shape=(1,), data=(3,)):
@@ -260,15 +269,8 @@ def test_a_client_that_disconnects_does_not_poison_the_batch(server):
         stayers = [await Conn(server.port).open() for _ in want]
         for c in quitters:
             c.w.transport.abort()
-        try:
-            return await asyncio.gather(*(c.request("POST", INFER, infer_body(s))
-                                          for c, s in zip(stayers, want)))
-        finally:
-            for c in stayers:
-                c.close()
-    for (st, h, body), s in zip(asyncio.run(go()), want):
-        assert st == 200
-        np.testing.assert_allclose(samples_of(h, body), want[s], atol=1e-6, rtol=1e-6)
+        return await _post_all(stayers, [infer_body(s) for s in want])
+    _assert_own_samples(asyncio.run(go()), want)
     assert _infer(server, MODEL, 3).shape == (1, 2)
 
 
