@@ -328,7 +328,10 @@ def test_weight_reload_takes_the_new_weights(cache, tmp_path):
                         "--out", str(out)]) == 0
             got, want = _infer(s, m, 3, 2), np.load(out)["samples"]
             assert not np.allclose(got, old[m])
-            np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)   # see above
+            # The ONNX export's own parity gate (1e-4): these weights are the release's plus
+            # 0.05 noise, a net that amplifies the ulp-level sin / cos differences more than the
+            # release does (measured 7e-5 once in a full pytest run; 5e-5 passed alone).
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
         shutil.copyfile("checkpoints/grid25/cld.safetensors", ckpt)
         st, _, body = post(s.port, "/v2/repository/models/e/load", b"")
         assert st == 400 and "reloading e" in json.loads(body)["error"]
