@@ -583,7 +583,7 @@ def ddgan_z_usage(model, x0: torch.Tensor, ref: torch.Tensor, draws: int = 16,
     for i in range(1, model.T + 1):
         ab = float(model.schedule.alpha_bar[i])
         x_i = model.schedule.q_sample(x0, i, torch.randn(x0.shape, generator=g))
-        w = torch.softmax(_posterior_log_weights(x_i, torch.full((len(x0),), ab ** 0.5), R),
+        w = torch.softmax(posterior_log_weights(x_i, torch.full((len(x0),), ab ** 0.5), R),
                           dim=1)
         mean = w @ R
         pvar = (w * R.pow(2).sum(1)[None]).sum(1) - mean.pow(2).sum(1)
@@ -596,7 +596,7 @@ def ddgan_z_usage(model, x0: torch.Tensor, ref: torch.Tensor, draws: int = 16,
     return rows
 
 
-def _posterior_log_weights(x_i: torch.Tensor, sqrt_ab: torch.Tensor,
+def posterior_log_weights(x_i: torch.Tensor, sqrt_ab: torch.Tensor,
                            centres: torch.Tensor) -> torch.Tensor:
     """log p(row j | x_i) up to a per-row constant, for data = the rows `centres` (R, ...):
     x_i = sqrt_ab c_j + noise of variance 1 - ab (Bayes' rule, exact).

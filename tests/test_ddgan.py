@@ -15,6 +15,7 @@ from fastsample.data import Dataset, dequantize_digits, load_dataset
 from fastsample.data.toy2d import grid25
 from fastsample.metrics import grid25_modes, sliced_wasserstein
 from fastsample.models import ddgan, load_model, make_config
+from fastsample.nets import MLPConfig
 from fastsample.samplers import ddgan as S
 from fastsample.sde import ddgan_schedule
 from fastsample.train import TrainConfig, train
@@ -85,7 +86,7 @@ def test_config_defaults_and_validation(toy, digits):
 # recipe, docs/grid25.md).
 _DIGITS_PRESET = {
     "T": 4, "z_dim": 32, "arch": "unet", "base_ch": 32, "disc_base_ch": 32,
-    "disc_ch_mult": (1, 2, 2), "disc_mbstd": 4, "hidden": 128, "num_layers": 4,
+    "disc_ch_mult": (1, 2, 2), "disc_mbstd": 4, "cond_group": 0, "hidden": 128, "num_layers": 4,
     "lr_g": 0.00016, "lr_d": 0.000125, "beta1": 0.5, "beta2": 0.9, "lr_min_frac": 0.1,
     "r1_gamma": 0.02, "lazy_reg": 15, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 1.0, "eval_samples": 1000, "train_steps": 8000, "batch_size": 64,
@@ -93,7 +94,7 @@ _DIGITS_PRESET = {
     "input_features": 0, "input_scale": 1.0, "disc_input_features": 0, "disc_input_scale": 1.0}
 _GRID25_PRESET = {
     "T": 4, "z_dim": 8, "arch": "mlp", "base_ch": 32, "disc_base_ch": 32,
-    "disc_ch_mult": (1, 2, 2), "disc_mbstd": 0, "hidden": 128, "num_layers": 4,
+    "disc_ch_mult": (1, 2, 2), "disc_mbstd": 0, "cond_group": 0, "hidden": 128, "num_layers": 4,
     "lr_g": 0.0005, "lr_d": 0.001, "beta1": 0.5, "beta2": 0.9, "lr_min_frac": 0.1,
     "r1_gamma": 0.005, "lazy_reg": 1, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 3.0, "eval_samples": 1000, "train_steps": 12000, "batch_size": 256,
@@ -285,8 +286,9 @@ def _card_with(**extra) -> tuple[dict, dict]:
 
 
 def test_from_checkpoint_drops_removed_fields_at_their_off_values():
-    """Cards written while Config had cond_group / ds_weight / ds_cap (training-only, removed)
-    still load when those hold the off value (ds_cap is inert then, whatever its value)."""
+    """Cards written while Config had ds_weight / ds_cap (training-only, removed) still load
+    when those hold the off value (ds_cap is inert then, whatever its value); cond_group 0, from
+    the same cards, is today's off value again."""
     sd, plain = _card_with()
     ref = ddgan.Model.from_checkpoint(sd, plain)
     for extra in ({"cond_group": 0, "ds_weight": 0.0, "ds_cap": 0.5},
@@ -298,7 +300,7 @@ def test_from_checkpoint_drops_removed_fields_at_their_off_values():
             assert torch.equal(v, sd[k])
 
 
-@pytest.mark.parametrize("key,value", [("cond_group", 4), ("ds_weight", 0.1)])
+@pytest.mark.parametrize("key,value", [("ds_weight", 0.1)])
 def test_from_checkpoint_refuses_removed_features_that_were_on(key, value):
     sd, card = _card_with(**{key: value, "ds_cap": 0.25})
     with pytest.raises(ValueError, match=rf"config\.{key} = {value}: this checkpoint was "
@@ -370,3 +372,99 @@ def test_cosine_lr_spans_the_runs_steps(small_digits, tmp_path):
     for name, lr in (("gen", cfg.lr_g), ("disc", cfg.lr_d)):
         got = state["optimizers"][name]["param_groups"][0]["lr"]
         assert got == pytest.approx(lr * scale, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditional groups (cond_group): D's minibatch std sees the spread of p(x_{i-1} | x_i).
+
+class _Ctx:
+    """The few StepContext draws `_grouped_real` uses, from one seeded generator."""
+
+    def __init__(self, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def randn(self, *shape):
+        return torch.randn(shape, generator=self.g)
+
+    def rand(self, *shape, dtype=torch.float32):
+        return torch.rand(shape, generator=self.g, dtype=dtype)
+
+    def randint(self, high, *shape):
+        return torch.randint(high, shape, generator=self.g)
+
+
+def test_grouped_reals_are_draws_of_the_exact_denoising_posterior(toy):
+    """Each group shares x_i and i; its extra rows are draws from p(x_{i-1} | x_i) of the
+    training set, which for grid25 data is (up to the 4096-row sample) the mixture's exact
+    posterior: 255 draws per group have its mean within the sampling error, and where its
+    components are apart (i <= 2) the draws' mode shares match its weights and their spread
+    around each mode its component std."""
+    K, M = 256, 16
+    cfg = dataclasses.replace(ddgan.default_config(toy), disc_mbstd=K, cond_group=K,
+                              batch_size=K * M)
+    fam = ddgan.Family(toy, cfg)
+    x_prev, x_i, i = fam._grouped_real(_Ctx(0), toy.x[:K * M])
+    assert x_prev.shape == x_i.shape == (K * M, 2) and i.shape == (K * M,)
+    mix = grid25().mixture
+    tvs, ratios, z_means = [], [], []
+    for m in range(M):
+        rows = slice(m * K, (m + 1) * K)
+        assert torch.equal(x_i[rows], x_i[m * K].expand(K, 2))
+        assert torch.equal(i[rows], i[m * K].expand(K))
+        post = mix.ddgan_denoising_posterior(x_i[m * K].double(), int(i[m * K]), fam.schedule)
+        draws = x_prev[m * K + 1:(m + 1) * K].double()
+        w = post.weights[:, None]
+        mean = (w * post.means).sum(0)
+        var = (w * (post.means.pow(2) + post.stds[:, None] ** 2)).sum(0) - mean.pow(2)
+        z_means.append(((draws.mean(0) - mean) / (var / len(draws)).sqrt()).abs().max())
+        if post.stds[0] < 0.1:                       # i <= 2: modes 0.7 apart, stds <= 0.07
+            near = torch.cdist(draws, post.means).argmin(1)
+            share = torch.bincount(near, minlength=25).double() / len(draws)
+            tvs.append(0.5 * float((share - post.weights).abs().sum()))
+            resid = draws - post.means[near]
+            ratios.append(float(resid.pow(2).mean().sqrt() / post.stds[0]))
+    assert len(tvs) >= 3 and len(tvs) < M                     # both kinds of step were drawn
+    assert max(z_means) < 4.5, z_means
+    # 255 draws over a handful of live modes: sampling alone moves the TV by ~0.05.
+    assert max(tvs) < 0.15, tvs
+    assert all(0.8 < r < 1.25 for r in ratios), ratios
+
+
+def test_cond_group_config_needs_the_mlp_mbstd_d(toy):
+    base = ddgan.default_config(toy)
+    with pytest.raises(ValueError, match=r"cond_group = 1; must be 0 \(off\) or an int >= 2"):
+        dataclasses.replace(base, cond_group=1)
+    with pytest.raises(ValueError, match="needs the MLP D"):
+        dataclasses.replace(base, cond_group=4)                  # disc_mbstd 0
+    with pytest.raises(ValueError, match="needs the MLP D"):
+        ddgan.Config(arch="unet", disc_mbstd=4, cond_group=4)
+    with pytest.raises(ValueError, match="not a multiple of cond_group = 3"):
+        dataclasses.replace(base, disc_mbstd=3, cond_group=3)   # batch 256
+
+
+def test_mlp_discriminator_mbstd_sees_its_group_only():
+    cfg = MLPConfig(in_dim=4, out_dim=1, hidden=16, num_layers=2, time_embedding="sinusoidal",
+                    time_scale=1.0, zero_init_out=False)
+    torch.manual_seed(0)
+    D = ddgan.MLPDiscriminator(cfg, mbstd_group=4)
+    with torch.no_grad():      # the std input (~0.02 at init) weighted enough to read
+        D.head[1].weight[:, -1] = torch.linspace(-100.0, 100.0, cfg.hidden)
+    g = torch.Generator().manual_seed(1)
+    x_prev, x_t = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)
+    t = torch.ones(8)
+    with torch.no_grad():
+        y = D(x_prev, x_t, t)
+        # Reordering rows inside a group only reorders its logits.
+        p = torch.tensor([3, 1, 0, 2, 4, 5, 6, 7])
+        torch.testing.assert_close(D(x_prev[p], x_t[p], t[p]), y[p])
+        # Row 4 itself unchanged, its group made identical copies of it: only the group's std
+        # moved, and row 4's logit with it; group 0 is untouched.
+        same = x_prev.clone(); same[5:8] = x_prev[4]
+        tsame = x_t.clone(); tsame[5:8] = x_t[4]
+        y2 = D(same, tsame, t)
+        assert abs(float(y2[4] - y[4])) > 1e-3
+        torch.testing.assert_close(y2[:4], y[:4])
+        # A batch that is not a multiple of the group: groups of 1 (std feature 0), no error.
+        assert D(x_prev[:6], x_t[:6], t[:6]).shape == (6,)
+    plain = ddgan.MLPDiscriminator(cfg)
+    assert plain.head is None and plain(x_prev, x_t, t).shape == (8,)

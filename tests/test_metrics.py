@@ -415,7 +415,7 @@ def test_posterior_log_weights_are_bayes_rule():
     g = torch.Generator().manual_seed(0)
     centres, x_i = torch.randn(3, 1, 2, 2, generator=g), torch.randn(4, 1, 2, 2, generator=g)
     sqrt_ab = torch.tensor([0.99, 0.7, 0.3, 0.05])
-    w = torch.softmax(M._posterior_log_weights(x_i, sqrt_ab, centres), dim=1)
+    w = torch.softmax(M.posterior_log_weights(x_i, sqrt_ab, centres), dim=1)
     sab, c, x = sqrt_ab.double(), centres.flatten(1).double(), x_i.flatten(1).double()
     sd = (1 - sab ** 2).sqrt()
     ref = torch.stack([torch.distributions.Normal(sab[m] * c, sd[m]).log_prob(x[m]).sum(1)

@@ -12,6 +12,7 @@ data's own coordinates for 2D points; `Model.to_data` maps samples back.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from fastsample.nets import (Discriminator, DiscriminatorConfig, MLPConfig, TimeMLP, UNet,
                              UNetConfig)
+from fastsample import metrics
 from fastsample.sde import ddgan_schedule
 from fastsample.models.registry import ExportPart, IOTensor, card_dict
 from fastsample.samplers import plan as plans
@@ -43,7 +45,8 @@ class Config:
     base_ch: int = 32               # U-Net generator channels at the first level
     disc_base_ch: int = 32          # image discriminator channels at the first level
     disc_ch_mult: tuple = (1, 2, 2) # image discriminator channel multipliers (8 -> 4 -> 2)
-    disc_mbstd: int = 0             # image D: minibatch-std group size (0 = off)
+    disc_mbstd: int = 0             # D: minibatch-std group size (0 = off)
+    cond_group: int = 0             # MLP D: groups of this many pairs share x_i (0 = off; = disc_mbstd)
     hidden: int = 128               # MLP width (G and D, 2D only)
     num_layers: int = 4             # MLP hidden layers (G and D, 2D only)
     input_features: int = 0         # MLP G: random Fourier features of x_i (MLPConfig); 0 = off
@@ -89,6 +92,19 @@ class Config:
         if isinstance(self.disc_mbstd, bool) or not isinstance(self.disc_mbstd, int) \
                 or self.disc_mbstd < 0:
             raise ValueError(f"ddgan Config.disc_mbstd = {self.disc_mbstd!r}; must be an int >= 0")
+        if isinstance(self.cond_group, bool) or not isinstance(self.cond_group, int) \
+                or self.cond_group < 0 or self.cond_group == 1:
+            raise ValueError(f"ddgan Config.cond_group = {self.cond_group!r}; must be 0 (off) or "
+                             f"an int >= 2")
+        if self.cond_group:
+            # The group is only visible to D through its minibatch-std feature.
+            if self.arch != "mlp" or self.disc_mbstd != self.cond_group:
+                raise ValueError(f"ddgan Config.cond_group = {self.cond_group} needs the MLP D "
+                                 f"(arch 'mlp') with disc_mbstd = {self.cond_group}; got arch "
+                                 f"{self.arch!r}, disc_mbstd {self.disc_mbstd}")
+            if self.batch_size % self.cond_group:
+                raise ValueError(f"ddgan Config.batch_size = {self.batch_size} is not a multiple "
+                                 f"of cond_group = {self.cond_group}")
         if not isinstance(self.dequantize, bool):
             raise ValueError(f"ddgan Config.dequantize = {self.dequantize!r}; must be true or false")
         if not self.grad_clip >= 0:
@@ -150,14 +166,29 @@ def build_generator(net_cfg: UNetConfig | MLPConfig) -> nn.Module:
 
 
 class MLPDiscriminator(nn.Module):
-    """D(x_prev (N, D), x_t (N, D), t (N,)) -> logits (N,) for 2D points."""
+    """D(x_prev (N, D), x_t (N, D), t (N,)) -> logits (N,) for 2D points. mbstd_group > 1: the
+    MLP's output is a feature vector, and the head also sees its std over groups of that many
+    consecutive rows (averaged over features), as the image D's minibatch-std channel."""
 
-    def __init__(self, cfg: MLPConfig):
+    def __init__(self, cfg: MLPConfig, mbstd_group: int = 0):
         super().__init__()
-        self.net = TimeMLP(cfg)
+        self.mbstd_group = mbstd_group
+        if mbstd_group > 1:
+            self.net = TimeMLP(dataclasses.replace(cfg, out_dim=cfg.hidden))
+            self.head = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden + 1, cfg.hidden), nn.SiLU(),
+                                      nn.Linear(cfg.hidden, 1))
+        else:
+            self.net, self.head = TimeMLP(cfg), None
 
     def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x_prev, x_t], dim=1), t)[:, 0]
+        h = self.net(torch.cat([x_prev, x_t], dim=1), t)
+        if self.head is None:
+            return h[:, 0]
+        N = h.shape[0]
+        G = min(self.mbstd_group, N)
+        G = G if N % G == 0 else 1
+        s = (h.reshape(N // G, G, -1).var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=1)
+        return self.head(torch.cat([h, s.repeat_interleave(G)[:, None]], dim=1))[:, 0]
 
 
 def build_discriminator(cfg: Config, data_shape: tuple) -> nn.Module:
@@ -172,13 +203,25 @@ def build_discriminator(cfg: Config, data_shape: tuple) -> nn.Module:
                                       num_layers=cfg.num_layers, time_embedding="sinusoidal",
                                       time_scale=1.0, zero_init_out=False,
                                       input_features=cfg.disc_input_features,
-                                      input_scale=cfg.disc_input_scale))
+                                      input_scale=cfg.disc_input_scale), cfg.disc_mbstd)
 
 
 def _check_arch(cfg: Config, kind: str) -> None:
     want = "unet" if kind == "image" else "mlp"
     if cfg.arch != want:
         raise ValueError(f"ddgan Config.arch = {cfg.arch!r} does not fit {kind} data; use {want!r}")
+
+
+_POSTERIOR_ROWS = 4096   # training rows behind each step's posterior draws (cond_group)
+
+
+def sample_rows(logw: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Row indices from the categorical softmax(logw) (M, R), by the inverse CDF at the
+    uniforms u (M, K): (M, K) int64."""
+    cdf = torch.softmax(logw.double(), dim=1).cumsum(dim=1)
+    # right=True: the first j with cdf_j > u, so a zero-weight row is never drawn, not even at u = 0.
+    idx = torch.searchsorted(cdf, u.double().to(cdf.device), right=True)
+    return idx.clamp(max=logw.shape[1] - 1)  # u above a rounded cdf[-1] < 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +246,7 @@ def to_data(x: torch.Tensor, kind: str, dataset: str) -> torch.Tensor:
 
 # Training-only Config fields that were removed (experiments not kept, see docs/ddgan_tuning.md),
 # with the value that meant "off". Cards written before the removal carry them.
-_REMOVED_OFF = {"cond_group": 0, "ds_weight": 0.0}
+_REMOVED_OFF = {"ds_weight": 0.0}
 _REMOVED_INERT = ("ds_cap",)       # the diversity term's cap: inert while ds_weight is off
 
 
@@ -322,6 +365,36 @@ class Family:
                + self._coef(self._sqrt_beta, i, x0) * ctx.randn(*x0.shape))
         return x_prev, x_i
 
+    def _grouped_real(self, ctx, x0: torch.Tensor):
+        """Real rows in groups of K = cond_group that share one x_i: the group's first x_{i-1}
+        is the usual pair's, the other K - 1 are further draws from p(x_{i-1} | x_i) of the
+        training set (its row x_0 by Bayes' rule, then q(x_{i-1} | x_i, x_0)). Each row is still
+        a draw of the real pair's distribution, but D's minibatch std of a group now measures
+        the spread of p(x_{i-1} | x_i), which a G that ignores z cannot show; the fake groups
+        share the same x_i."""
+        K, N = self.cfg.cond_group, x0.shape[0]
+        if N % K:
+            raise ValueError(f"ddgan: the batch on this process ({N}) is not a multiple of "
+                             f"cond_group = {K}")
+        M = N // K
+        i_g = ctx.randint(self.cfg.T, M).cpu() + 1
+        prev_a, xi_a = self._real_pair(ctx, x0[:M], i_g)
+        rows = self.data.x
+        if len(rows) > _POSTERIOR_ROWS:
+            # A fresh random subset each step: the posterior of its empirical distribution, a
+            # close stand-in for the whole set's at a sixteenth of the (M, R) cdist (4096 rows
+            # in the whole set's place measured 26 vs 4 steps/s on grid25).
+            rows = rows[ctx.randint(len(rows), _POSTERIOR_ROWS).cpu()]
+        rows = rows.to(device=x0.device, dtype=torch.float64)
+        logw = metrics.posterior_log_weights(xi_a, self._sqrt_ab[i_g].to(x0.device), rows)
+        x0_k = rows[sample_rows(logw, ctx.rand(M, K - 1)).flatten()].to(x0.dtype)
+        x0_k = x0_k.view(M, K - 1, *x0.shape[1:])
+        c = lambda table: self._coef(table, i_g, x0)[:, None]
+        prev_k = (c(self._c0) * x0_k + c(self._c1) * xi_a[:, None]
+                  + c(self._sigma_post) * ctx.randn(M, K - 1, *x0.shape[1:]))
+        x_prev = torch.cat([prev_a[:, None], prev_k], dim=1).flatten(0, 1)
+        return x_prev, xi_a.repeat_interleave(K, dim=0), i_g.repeat_interleave(K)
+
     def step(self, ctx, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.gan_step(ctx, to_model(batch, self.kind))
 
@@ -332,15 +405,18 @@ class Family:
         N = x0.shape[0]
         G, D = ctx.m("generator"), ctx.m("discriminator")
 
-        # Real pair: x_{i-1} ~ q(x_{i-1} | x_0), x_i ~ q(x_i | x_{i-1}), i uniform in 1..T.
-        i = ctx.randint(c.T, N).cpu() + 1
-        if c.disc_mbstd > 1:
-            # D's minibatch-std groups are consecutive samples; sorted by i, a group mostly
-            # shares one noise level, so its std measures sample diversity at that step
-            # instead of the spread between steps. The rows are iid: the order changes
-            # nothing else.
-            i = i.sort().values
-        x_prev, x_i = self._real_pair(ctx, x0, i)
+        if c.cond_group:
+            x_prev, x_i, i = self._grouped_real(ctx, x0)
+        else:
+            # Real pair: x_{i-1} ~ q(x_{i-1} | x_0), x_i ~ q(x_i | x_{i-1}), i uniform in 1..T.
+            i = ctx.randint(c.T, N).cpu() + 1
+            if c.disc_mbstd > 1:
+                # D's minibatch-std groups are consecutive samples; sorted by i, a group mostly
+                # shares one noise level, so its std measures sample diversity at that step
+                # instead of the spread between steps. The rows are iid: the order changes
+                # nothing else.
+                i = i.sort().values
+            x_prev, x_i = self._real_pair(ctx, x0, i)
         t = i.to(device=x0.device, dtype=torch.float32)
 
         # Fake pair: x_0' = G(x_i, z, i), x'_{i-1} ~ q(x_{i-1} | x_i, x_0').
@@ -386,7 +462,6 @@ class Family:
 
     def evaluate(self, ema_modules: dict) -> dict:
         """Metrics of cfg.eval_samples posterior samples from the EMA generator."""
-        from fastsample import metrics
         from fastsample.samplers import ddgan as sampler
         model = Model(self.cfg, self.data.name, self.kind, self.data_shape)
         model.generator.load_state_dict(ema_modules["generator"].state_dict())
