@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +231,46 @@ def test_latent_plans_carry_the_decoder_step():
     t2 = lddgan_s.table(g)
     assert t2.family == "latent-ddgan" and plans.net_calls(t2) == 4
     assert t2.header["latent_shape"] == (4, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# latent_channels: the latent DDGAN models only the VAE's active channels.
+
+def test_latent_channels_config_and_decoder_step():
+    base = _tiny(latent_ddgan)
+    for bad in ((4,), (1, 0), (0, 0), (-1,), (True,)):
+        with pytest.raises(ValueError, match="latent_channels"):
+            dataclasses.replace(base, latent_channels=bad)
+    torch.manual_seed(0)
+    model = latent_ddgan.Model(dataclasses.replace(base, latent_channels=(1, 3))).eval()
+    assert model.latent_shape == (2, 4, 4) and model.data_shape == (1, 8, 8)
+    z = torch.randn(5, 2, 4, 4)
+    full = torch.zeros(5, 4, 4, 4)
+    full[:, 1], full[:, 3] = z[:, 0], z[:, 1]
+    with torch.no_grad():
+        assert torch.equal(model.decode(z, "mean"), model.vae.decode(full, "mean"))
+    with pytest.raises(ValueError):
+        model.decode(torch.randn(5, 4, 4, 4))             # the full latent is not the state
+
+
+def test_released_vae_has_one_active_channel_that_the_decoder_reads():
+    """The released LSGM VAE's encoder uses channel 0 only: channels 1-3 have a posterior mean
+    that does not vary with x (Var 0.03^2 against channel 0's 1.3^2), so q(z | x) there is the
+    prior for every x. The decoder agrees: redrawing channels 1-3 leaves its output nearly
+    unchanged, redrawing channel 0 changes it completely."""
+    from fastsample.models import lsgm as L
+    model, _ = load_model(Path(__file__).resolve().parents[1] / "checkpoints" / "digits"
+                          / "lsgm.safetensors")
+    x01 = L.to_levels01(load_dataset("digits").x[:400])
+    assert latent_ddgan.active_channels(model.encoder, x01) == (0,)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        mu, log_s = model.encoder(x01)
+        z = mu + log_s.exp() * torch.randn(mu.shape, generator=g)
+        ref = L.decode_levels(model.decoder, z, "mean")
+        other, zero = z.clone(), z.clone()
+        other[:, 1:] = torch.randn(other[:, 1:].shape, generator=g)
+        zero[:, 0] = torch.randn(zero[:, 0].shape, generator=g)
+        moved_inactive = (L.decode_levels(model.decoder, other, "mean") - ref).abs().mean()
+        moved_active = (L.decode_levels(model.decoder, zero, "mean") - ref).abs().mean()
+    assert moved_inactive < 0.05 * moved_active, (moved_inactive, moved_active)

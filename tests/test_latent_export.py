@@ -34,9 +34,9 @@ def _jitter(model: torch.nn.Module, seed: int = 0):
     return model.eval()
 
 
-def _tiny(mod):
+def _tiny(mod, **extra):
     cfg = mod.default_config(load_dataset("digits"))
-    extra = {"eval_nfe": 4} if mod is latent_cld else {"disc_base_ch": 8, "T": 2}
+    extra.update({"eval_nfe": 4} if mod is latent_cld else {"disc_base_ch": 8, "T": 2})
     return dataclasses.replace(cfg, vae_base_ch=8, base_ch=8, train_steps=4, vae_steps=2,
                                batch_size=8, eval_samples=8, **extra)
 
@@ -45,8 +45,8 @@ def _cld():
     return _jitter(latent_cld.Model(_tiny(latent_cld)))
 
 
-def _ddgan():
-    return _jitter(latent_ddgan.Model(_tiny(latent_ddgan)))
+def _ddgan(latent_channels=()):
+    return _jitter(latent_ddgan.Model(_tiny(latent_ddgan, latent_channels=latent_channels)))
 
 
 def _card(model):
@@ -69,8 +69,12 @@ def test_latent_cld_graph_with_decoder_matches_the_sampler(sampler):
     assert spec.calls == 6 and spec.outputs[1].shape == ("batch", 1, 8, 8)
 
 
-def test_latent_ddgan_graph_with_decoder_matches_the_sampler():
-    model, N, SEED = _ddgan(), 6, 4
+@pytest.mark.parametrize("channels", [(), (0, 2)])
+def test_latent_ddgan_graph_with_decoder_matches_the_sampler(channels):
+    """latent_channels (0, 2): the loop runs on 2 of the 4 channels and the graph's decoder step
+    puts them in their places, channels 1 and 3 at 0."""
+    model, N, SEED = _ddgan(channels), 6, 4
+    assert model.latent_shape == ((len(channels) or 4), 4, 4)
     spec = core.build_spec(model, _card(model), "sampler")
     want, _ = lddgan_s.sample(model, "posterior", None, N, SEED)
     z_T, zs = ddgan_s.prior_of_shape(model, model.latent_shape, N, SEED, "cpu")
@@ -84,7 +88,8 @@ def test_latent_ddgan_graph_with_decoder_matches_the_sampler():
 
 
 @pytest.mark.parametrize("make,sampler,steps", [(_cld, "sscs", 4), (_cld, "em", 4),
-                                                (_ddgan, "posterior", None)])
+                                                (_ddgan, "posterior", None),
+                                                (lambda: _ddgan((0,)), "posterior", None)])
 def test_engine_matches_the_plain_path(make, sampler, steps):
     from fastsample import samplers
     from fastsample.models import family_of
@@ -94,15 +99,17 @@ def test_engine_matches_the_plain_path(make, sampler, steps):
     assert torch.equal(eng.sample(11), want)
 
 
-def test_onnx_export_of_the_latent_ddgan_sampler_passes_its_gate(tmp_path):
+@pytest.mark.parametrize("channels", [(), (0,)])
+def test_onnx_export_of_the_latent_ddgan_sampler_passes_its_gate(tmp_path, channels):
     """A tiny trained latent DDGAN checkpoint through `python -m fastsample.export --what
     sampler --format onnx`: the gate (ONNX Runtime vs eager) passes and the artifact's samples
-    are the decoder's levels."""
+    are the decoder's levels; with latent_channels (0,) the loop's state is one channel."""
     import onnxruntime as ort
     from fastsample.export.command import main
     d = load_dataset("digits")
     tiny = Dataset(name="digits", kind="image", x=d.x[:32], labels=d.labels[:32], split="train")
-    cfg = _tiny(latent_ddgan)
+    cfg = _tiny(latent_ddgan, latent_channels=channels)
+    C = len(channels) or 4
     tcfg = TrainConfig(steps=cfg.train_steps, batch_size=8, ema_decay=0.9, progress=False,
                        ckpt_every=100)
     train(latent_ddgan.Family(tiny, cfg), batch_sampler(tiny, dequantize=True), tcfg, tmp_path)
@@ -111,11 +118,11 @@ def test_onnx_export_of_the_latent_ddgan_sampler_passes_its_gate(tmp_path):
                  "sampler", "--out", str(out), "--max-batch", "4"]) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["parity"]["passed"] and man["family"] == "latent-ddgan"
-    assert man["schedule"]["header"]["latent_shape"] == [4, 4, 4]
+    assert man["schedule"]["header"]["latent_shape"] == [C, 4, 4]
     g = torch.Generator().manual_seed(1)
-    feed = {"x_T": torch.randn(3, 4, 4, 4, generator=g).numpy(),
+    feed = {"x_T": torch.randn(3, C, 4, 4, generator=g).numpy(),
             "z": torch.randn(3, 2, cfg.z_dim, generator=g).numpy(),
-            "noise": torch.randn(3, 2, 4, 4, 4, generator=g).numpy()}
+            "noise": torch.randn(3, 2, C, 4, 4, generator=g).numpy()}
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     _, samples = sess.run(None, feed)
     assert samples.shape == (3, 1, 8, 8)
