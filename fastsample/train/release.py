@@ -28,13 +28,13 @@ SEED = 0
 # they come after it in RELEASED and share its encoder and decoder. The shipped latent-cld was
 # trained in two legs on a shared 2-core CPU (its card holds both commands): --steps 3000
 # stopped at 18 minutes, then --resume with the steps below, stopped at 40 minutes. The
-# latent DDGAN models only that VAE's one active channel (docs/latent.md): 10000 steps in one
-# leg, 26 minutes on one thread.
+# latent DDGAN models only that VAE's one active channel (docs/latent.md): 15000 steps in one
+# leg, 45 minutes on one thread.
 _LATENT_PRIOR = ("--set", "vae_init=checkpoints/digits/lsgm.safetensors", "--set", "vae_steps=0",
                  "--ema", "0.995")
 RELEASE_ARGS = {"latent-cld:digits": _LATENT_PRIOR + ("--steps", "6000"),
                 "latent-ddgan:digits": _LATENT_PRIOR + ("--set", "latent_channels=0",
-                                                        "--steps", "10000")}
+                                                        "--steps", "15000")}
 
 
 def _dest(family: str, data: str, out: Path) -> Path:
