@@ -23,6 +23,7 @@ from torch import nn
 from fastsample.nets import (Discriminator, DiscriminatorConfig, MLPConfig, TimeMLP, UNet,
                              UNetConfig)
 from fastsample import metrics
+from fastsample.nets.layers import minibatch_std
 from fastsample.sde import ddgan_schedule
 from fastsample.models.registry import ExportPart, IOTensor, card_dict
 from fastsample.samplers import plan as plans
@@ -184,11 +185,8 @@ class MLPDiscriminator(nn.Module):
         h = self.net(torch.cat([x_prev, x_t], dim=1), t)
         if self.head is None:
             return h[:, 0]
-        N = h.shape[0]
-        G = min(self.mbstd_group, N)
-        G = G if N % G == 0 else 1
-        s = (h.reshape(N // G, G, -1).var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=1)
-        return self.head(torch.cat([h, s.repeat_interleave(G)[:, None]], dim=1))[:, 0]
+        s = minibatch_std(h, self.mbstd_group)
+        return self.head(torch.cat([h, s[:, None]], dim=1))[:, 0]
 
 
 def build_discriminator(cfg: Config, data_shape: tuple) -> nn.Module:

@@ -51,6 +51,17 @@ def check_input(name: str, x: torch.Tensor, shape: tuple) -> None:
 # ---------------------------------------------------------------------------------------------
 # Time embeddings: raw features of t, then a 2-layer MLP to the block embedding width.
 
+def minibatch_std(h: torch.Tensor, group: int) -> torch.Tensor:
+    """h (N, ...) -> (N,): per row, the std over its group of `group` consecutive rows, averaged
+    over the features. Groups are consecutive so that a [real; fake] batch with halves divisible
+    by the group never mixes the two; a batch not divisible by it uses groups of 1 (0 then)."""
+    N = h.shape[0]
+    G = min(group, N)
+    G = G if N % G == 0 else 1
+    s = (h.reshape(N // G, G, -1).var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=1)
+    return s.repeat_interleave(G)
+
+
 class GaussianFourierFeatures(nn.Module):
     """[sin(2 pi W log t), cos(2 pi W log t)], W ~ N(0, scale^2) fixed (CLD / NCSN++, scale 16).
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 from fastsample.nets.layers import (TIME_EMBEDDINGS, AdaGroupNormSiLU, AttnBlock, Downsample,
                                     config_from_dict,
                                     MappingMLP, ResBlock, TimeEmbedding, Upsample, check_input,
-                                    zero_module)
+                                    minibatch_std, zero_module)
 
 
 def _check_levels(cls_name: str, resolution: int, ch_mult: tuple, base_ch: int, num_groups: int):
@@ -279,15 +279,9 @@ class Discriminator(nn.Module):
         self.head = nn.Linear(ch, 1)
 
     def _mbstd(self, h: torch.Tensor) -> torch.Tensor:
-        """Append the std over groups of G consecutive samples, averaged over (C, H, W). Groups
-        are consecutive so that a [real; fake] batch with halves divisible by G never mixes the
-        two; a batch not divisible by G uses G = 1 (the feature is then 0)."""
-        N, C, H, W = h.shape
-        G = min(self.cfg.mbstd_group, N)
-        G = G if N % G == 0 else 1
-        y = h.reshape(N // G, G, C, H, W)
-        s = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (N/G,)
-        s = s.repeat_interleave(G)[:, None, None, None].expand(N, 1, H, W)
+        """Append the minibatch std (layers.minibatch_std over (C, H, W)) as one channel."""
+        N, _, H, W = h.shape
+        s = minibatch_std(h, self.cfg.mbstd_group)[:, None, None, None].expand(N, 1, H, W)
         return self.mbstd_conv(torch.cat([h, s], dim=1))
 
     def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
