@@ -234,15 +234,20 @@ def test_latent_plans_carry_the_decoder_step():
 
 
 # ---------------------------------------------------------------------------------------------
-# latent_channels: the latent DDGAN models only the VAE's active channels.
+# latent_channels: a latent prior models only the VAE's active channels.
 
-def test_latent_channels_config_and_decoder_step():
-    base = _tiny(latent_ddgan)
-    for bad in ((4,), (1, 0), (0, 0), (-1,), (True,)):
+@pytest.mark.parametrize("mod", [latent_ddgan, latent_cld])
+def test_latent_channels_config_and_decoder_step(mod):
+    base = _tiny(mod)
+    for bad in ((4,), (1, 0), (0, 0), (-1,), (True,), ("a",)):
         with pytest.raises(ValueError, match="latent_channels"):
             dataclasses.replace(base, latent_channels=bad)
     torch.manual_seed(0)
-    model = latent_ddgan.Model(dataclasses.replace(base, latent_channels=(1, 3))).eval()
+    cfg = dataclasses.replace(base, latent_channels=(1, 3))
+    if mod is latent_cld:      # the CLD's shape follows the channels, its net is built for it
+        assert cfg.data_shape == (2, 4, 4) and cfg.net_config().in_ch == 4
+        assert mod.Config.from_dict(cfg.to_dict()) == cfg
+    model = mod.Model(cfg).eval()
     assert model.latent_shape == (2, 4, 4) and model.data_shape == (1, 8, 8)
     z = torch.randn(5, 2, 4, 4)
     full = torch.zeros(5, 4, 4, 4)
@@ -262,7 +267,7 @@ def test_released_vae_has_one_active_channel_that_the_decoder_reads():
     model, _ = load_model(Path(__file__).resolve().parents[1] / "checkpoints" / "digits"
                           / "lsgm.safetensors")
     x01 = L.to_levels01(load_dataset("digits").x[:400])
-    assert latent_ddgan.active_channels(model.encoder, x01) == (0,)
+    assert latent.active_channels(model.encoder, x01) == (0,)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         mu, log_s = model.encoder(x01)

@@ -41,8 +41,8 @@ def _tiny(mod, **extra):
                                batch_size=8, eval_samples=8, **extra)
 
 
-def _cld():
-    return _jitter(latent_cld.Model(_tiny(latent_cld)))
+def _cld(latent_channels=()):
+    return _jitter(latent_cld.Model(_tiny(latent_cld, latent_channels=latent_channels)))
 
 
 def _ddgan(latent_channels=()):
@@ -53,9 +53,11 @@ def _card(model):
     return SimpleNamespace(family=model.family)
 
 
-@pytest.mark.parametrize("sampler", ["sscs", "em"])
-def test_latent_cld_graph_with_decoder_matches_the_sampler(sampler):
-    model, N, SEED = _cld(), 6, 2
+@pytest.mark.parametrize("sampler,channels", [("sscs", ()), ("em", ()), ("sscs", (0,))])
+def test_latent_cld_graph_with_decoder_matches_the_sampler(sampler, channels):
+    """With latent_channels (0,) the phase-space loop runs on one channel of z and of v."""
+    model, N, SEED = _cld(channels), 6, 2
+    assert model.latent_shape == ((len(channels) or 4), 4, 4)
     spec = core.build_spec(model, _card(model), "sampler", sampler, 5)
     want, _ = lcld_s.sample(model, sampler, 5, N, SEED)
     z_T, v_T = lcld_s.prior(model, N, SEED, "cpu")
@@ -88,6 +90,7 @@ def test_latent_ddgan_graph_with_decoder_matches_the_sampler(channels):
 
 
 @pytest.mark.parametrize("make,sampler,steps", [(_cld, "sscs", 4), (_cld, "em", 4),
+                                                (lambda: _cld((0,)), "sscs", 4),
                                                 (_ddgan, "posterior", None),
                                                 (lambda: _ddgan((0,)), "posterior", None)])
 def test_engine_matches_the_plain_path(make, sampler, steps):

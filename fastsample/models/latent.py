@@ -43,6 +43,9 @@ class VAEFields:
     vae_init: str = ""              # a checkpoint (e.g. a released LSGM) whose encoder. and
                                     # decoder. weights start the VAE; with vae_steps = 0 the VAE
                                     # stays as loaded and only the prior trains
+    latent_channels: tuple = ()     # the latent channels the prior models (() = all); the others
+                                    # are inactive (q(z | x) = the prior for every x) and the
+                                    # decoder step reads them at 0, their mean
 
     def check_vae(self, family: str, train_steps: int) -> None:
         for name in ("latent_ch", "vae_base_ch", "vae_res_blocks"):
@@ -62,6 +65,21 @@ class VAEFields:
         if self.decode not in lsgm.DECODE_MODES:
             raise ValueError(f"{family} Config.decode = {self.decode!r}; choose "
                              f"{'|'.join(lsgm.DECODE_MODES)}")
+        ch = self.latent_channels
+        if isinstance(ch, (str, bytes)) or not hasattr(ch, "__iter__"):
+            ch = (ch,)
+        ch = tuple(ch)
+        object.__setattr__(self, "latent_channels", ch)
+        if any(isinstance(c, bool) or not isinstance(c, int) for c in ch) \
+                or list(ch) != sorted(set(ch)) or (ch and not 0 <= ch[0] <= ch[-1] < self.latent_ch):
+            raise ValueError(f"{family} Config.latent_channels = {ch!r}; must be increasing "
+                             f"distinct channel indices in [0, latent_ch={self.latent_ch}), or "
+                             f"() for all")
+
+    def state_shape(self) -> tuple:
+        """The prior's state: the latent's modelled channels (all of them by default)."""
+        C, *rest = lsgm.vae_config(self).latent_shape
+        return (len(self.latent_channels) or C, *rest)
 
 
 class VAE(nn.Module):
@@ -108,10 +126,46 @@ class IdentityVAE(nn.Module):
         return x.float()
 
 
+def active_channels(encoder: nn.Module, x01: torch.Tensor, threshold: float = 0.01) -> tuple:
+    """Latent channels whose posterior mean varies over the data (Burda et al. 2016's active
+    units, per channel: Var_x E[z | x] averaged over the channel's positions > threshold). An
+    inactive channel has q(z | x) ~ the N(0, I) prior for every x: nothing to model there.
+    x01: images on [0, 1] levels (lsgm.to_levels01)."""
+    with torch.no_grad():
+        mu, _ = encoder(x01)
+    var = mu.var(dim=0).flatten(1).mean(1)
+    return tuple(int(c) for c in torch.nonzero(var > threshold).flatten())
+
+
+def full_latent(z0: torch.Tensor, channels: tuple, full_ch: int, family: str) -> torch.Tensor:
+    """The modelled channels of z0 put in their places of the VAE's latent, the inactive ones
+    at 0 (by concatenation, so that it traces into one graph with the same inputs)."""
+    if not channels:
+        return z0
+    if z0.dim() < 2 or z0.shape[1] != len(channels):
+        raise ValueError(f"{family} decode: z0 has shape {tuple(z0.shape)}; expected "
+                         f"{len(channels)} channels, the modelled latent channels {channels}")
+    zero = z0.new_zeros(z0.shape[0], 1, *z0.shape[2:])
+    where = {c: k for k, c in enumerate(channels)}
+    return torch.cat([z0[:, where[c]:where[c] + 1] if c in where else zero
+                      for c in range(full_ch)], dim=1)
+
+
 class DecoderStep:
-    """A latent Model's decoder step and data map, both the VAE's (mixed into the Models)."""
+    """A latent Model's decoder step and data map, both the VAE's (mixed into the Models).
+    With latent_channels set (`self.latent_channels`), the decoder step first rebuilds the VAE's
+    full latent from the modelled channels."""
+
+    latent_channels: tuple = ()
 
     def decode(self, z0: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        if self.latent_channels:
+            if tuple(z0.shape[1:]) != tuple(self.latent_shape):
+                raise ValueError(f"{self.family} decode: z0 has shape {tuple(z0.shape)}; "
+                                 f"expected (N, {', '.join(map(str, self.latent_shape))}), the "
+                                 f"modelled channels {self.latent_channels}")
+            z0 = full_latent(z0, self.latent_channels, int(self.vae.latent_shape[0]),
+                             self.family)
         return self.vae.decode(z0, mode)
 
     def to_data(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,10 +206,12 @@ def vae_stage(ctx, cfg: VAEFields, batch: torch.Tensor) -> dict | None:
 
 
 @torch.no_grad()
-def encode_latents(ctx, batch: torch.Tensor) -> torch.Tensor:
-    """Stage 2's data: z_0 ~ q(z_0 | x) from the frozen encoder, one draw per image."""
+def encode_latents(ctx, batch: torch.Tensor, channels: tuple = ()) -> torch.Tensor:
+    """Stage 2's data: z_0 ~ q(z_0 | x) from the frozen encoder, one draw per image, of the
+    modelled channels (all by default)."""
     mu, log_s = ctx.m("encoder")(lsgm.to_levels01(batch))
-    return mu + torch.exp(log_s) * ctx.randn(*mu.shape)
+    z0 = mu + torch.exp(log_s) * ctx.randn(*mu.shape)
+    return z0[:, list(channels)] if channels else z0
 
 
 def load_vae(vae: VAE, state_dict: dict, family: str, prior_keys: str) -> dict:

@@ -40,11 +40,15 @@ SAMPLERS = ("sscs", "em", "ode")
 
 @dataclass(frozen=True)
 class Config(cld.Config, latent.VAEFields):
-    """cld.Config (its data_shape is the shape CLD runs on: the latent) + the VAE's fields."""
+    """cld.Config (its data_shape is the shape CLD runs on: the latent, or with latent_channels
+    set the modelled channels, derived from the VAE's fields) + the VAE's fields."""
 
     def __post_init__(self):
-        cld.Config.__post_init__(self)
         self.check_vae(FAMILY, self.train_steps)
+        if self.latent_channels:
+            # `--set latent_channels=0` alone must give the CLD its one-channel state.
+            object.__setattr__(self, "data_shape", self.state_shape())
+        cld.Config.__post_init__(self)
 
 
 def default_config(data) -> Config:
@@ -70,10 +74,13 @@ class Model(latent.DecoderStep, nn.Module):
         self.cld = CLD(config.cld_config())
         self.mixed_score = config.mixed_score
         self.vae = vae if vae is not None else latent.VAE(config)
-        if tuple(self.vae.latent_shape) != tuple(config.data_shape):
-            raise ValueError(f"{FAMILY}: the VAE's latent {self.vae.latent_shape} is not the "
-                             f"config's CLD shape {config.data_shape}")
+        C, *rest = self.vae.latent_shape
+        if (len(config.latent_channels) or C, *rest) != tuple(config.data_shape):
+            raise ValueError(f"{FAMILY}: the VAE's latent {self.vae.latent_shape} (channels "
+                             f"{config.latent_channels or 'all'}) is not the config's CLD shape "
+                             f"{config.data_shape}")
         self.latent_shape = tuple(config.data_shape)
+        self.latent_channels = config.latent_channels
         self.data_shape = tuple(self.vae.data_shape)
         self.net = net if net is not None else cld.build_net(config.net, config.net_config())
 
@@ -123,7 +130,7 @@ class Family:
         out = latent.vae_stage(ctx, self.config, batch)
         if out is not None:
             return out
-        z0 = latent.encode_latents(ctx, batch)
+        z0 = latent.encode_latents(ctx, batch, self.config.latent_channels)
         return {"loss": cld.hsm_step(ctx, self.config, self.cld, self._opt, z0,
                                      offset=self.config.vae_steps)}
 

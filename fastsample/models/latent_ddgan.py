@@ -29,37 +29,10 @@ class Config(ddgan.Config, latent.VAEFields):
     """ddgan.Config (its arch fits the latent) + the VAE's fields."""
     disc_ch_mult: tuple = (1, 2)    # image discriminator: 4 -> 2 on the latent
     disc_mbstd: int = 4             # minibatch-std groups, DDGAN's digits recipe
-    latent_channels: tuple = ()     # the latent channels the GAN models (() = all); the others
-                                    # are inactive (q(z | x) = the prior for every x) and the
-                                    # decoder step reads them at 0, their mean
 
     def __post_init__(self):
         ddgan.Config.__post_init__(self)
         self.check_vae(FAMILY, self.train_steps)
-        object.__setattr__(self, "latent_channels", tuple(self.latent_channels))
-        ch = self.latent_channels
-        if any(isinstance(c, bool) or not isinstance(c, int) for c in ch) \
-                or list(ch) != sorted(set(ch)) or (ch and not 0 <= ch[0] <= ch[-1] < self.latent_ch):
-            raise ValueError(f"{FAMILY} Config.latent_channels = {ch!r}; must be increasing "
-                             f"distinct channel indices in [0, latent_ch={self.latent_ch}), or "
-                             f"() for all")
-
-
-def state_shape(cfg: Config, latent_shape: tuple) -> tuple:
-    """The GAN's x: the latent's modelled channels."""
-    C, *rest = latent_shape
-    return (len(cfg.latent_channels) or C, *rest)
-
-
-def active_channels(encoder: nn.Module, x01: torch.Tensor, threshold: float = 0.01) -> tuple:
-    """Latent channels whose posterior mean varies over the data (Burda et al. 2016's active
-    units, per channel: Var_x E[z | x] averaged over the channel's positions > threshold). An
-    inactive channel has q(z | x) ~ the N(0, I) prior for every x: nothing to model there.
-    x01: images on [0, 1] levels (lsgm.to_levels01)."""
-    with torch.no_grad():
-        mu, _ = encoder(x01)
-    var = mu.var(dim=0).flatten(1).mean(1)
-    return tuple(int(c) for c in torch.nonzero(var > threshold).flatten())
 
 
 def default_config(data) -> Config:
@@ -79,27 +52,13 @@ class Model(latent.DecoderStep, ddgan.Model):
     def __init__(self, cfg: Config, dataset: str = "digits", kind: str = "image",
                  vae: nn.Module | None = None):
         vae = vae if vae is not None else latent.VAE(cfg)
-        shape = state_shape(cfg, tuple(vae.latent_shape))
+        C, *rest = vae.latent_shape
+        shape = (len(cfg.latent_channels) or C, *rest)
         super().__init__(cfg, dataset, kind, shape)
         self.vae = vae
         self.latent_shape = shape
+        self.latent_channels = cfg.latent_channels
         self.data_shape = tuple(vae.data_shape)
-        self._full_ch = int(vae.latent_shape[0])
-
-    def decode(self, z0: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """The decoder step; with latent_channels set, the modelled channels go to their places
-        and the inactive ones are 0 (built by concatenation so that it traces into one graph)."""
-        ch = self.cfg.latent_channels
-        if ch:
-            if z0.dim() != 4 or tuple(z0.shape[1:]) != self.latent_shape:
-                raise ValueError(f"{FAMILY} decode: z0 has shape {tuple(z0.shape)}; expected "
-                                 f"(N, {', '.join(map(str, self.latent_shape))}), the modelled "
-                                 f"channels {ch}")
-            zero = z0.new_zeros(z0.shape[0], 1, *z0.shape[2:])
-            where = {c: k for k, c in enumerate(ch)}
-            z0 = torch.cat([z0[:, where[c]:where[c] + 1] if c in where else zero
-                            for c in range(self._full_ch)], dim=1)
-        return self.vae.decode(z0, mode)
 
     @classmethod
     def from_checkpoint(cls, state_dict: dict, card) -> "Model":
@@ -131,7 +90,7 @@ class Family(ddgan.Family):
     def __init__(self, data, config: Config):
         lsgm.check_images(data, FAMILY)
         super().__init__(data, config)
-        self.data_shape = state_shape(config, tuple(lsgm.vae_config(config).latent_shape))
+        self.data_shape = config.state_shape()
 
     def modules(self) -> dict[str, nn.Module]:
         return {**latent.vae_modules(self.cfg), **super().modules()}
@@ -143,10 +102,7 @@ class Family(ddgan.Family):
         out = latent.vae_stage(ctx, self.cfg, batch)
         if out is not None:
             return out
-        z0 = latent.encode_latents(ctx, batch)
-        if self.cfg.latent_channels:
-            z0 = z0[:, list(self.cfg.latent_channels)]
-        return self.gan_step(ctx, z0)
+        return self.gan_step(ctx, latent.encode_latents(ctx, batch, self.cfg.latent_channels))
 
     def card(self) -> dict:
         card = super().card()
