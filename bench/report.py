@@ -56,8 +56,54 @@ def kernels_table(bench_json: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_METRICS = ("fd", "precision", "recall", "c2st", "c2st_pixels", "c2st_features", "classes_hit",
+            "kl_uniform", "ms_per_sample", "nfe", "seconds")
+# Which way is better for each metric a family must beat the class Gaussian on.
+_LOWER_IS_BETTER = {"fd": True, "c2st": True, "c2st_pixels": True, "c2st_features": True,
+                    "precision": False, "recall": False}
+
+
 def _quality_rows(bench_json: dict) -> list[dict]:
-    return [b["extra_info"] for b in bench_json["benchmarks"] if "fd" in b["extra_info"]]
+    """One row per case (family, sampler, steps, options) in the run's order: each metric is
+    the mean over the case's seeds, <metric>_std the sample std (0 for one seed), and
+    classes_hit_min the fewest classes any seed hit."""
+    groups: dict[str, list[dict]] = {}
+    for b in bench_json["benchmarks"]:
+        e = b["extra_info"]
+        if "fd" not in e:
+            continue
+        key = json.dumps([e["family"], e["sampler"], e.get("steps"),
+                          e.get("options", {}), e.get("num")], sort_keys=True)
+        groups.setdefault(key, []).append(e)
+    rows = []
+    for runs in groups.values():
+        r = {k: v for k, v in runs[0].items() if k not in _METRICS and k != "seed"}
+        r["seeds"] = sorted(e.get("seed") for e in runs if e.get("seed") is not None) or None
+        r["n_seeds"] = len(runs)
+        for k in _METRICS:
+            vals = [float(e[k]) for e in runs if e.get(k) is not None]
+            if not vals:
+                continue
+            m = sum(vals) / len(vals)
+            r[k] = m
+            r[f"{k}_std"] = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 \
+                if len(vals) > 1 else 0.0
+        r["classes_hit_min"] = min(int(e["classes_hit"]) for e in runs)
+        rows.append(r)
+    return rows
+
+
+def _pm(r: dict, k: str, fmt: str = ".1f") -> str:
+    if r.get(k) is None:
+        return "-"
+    return f"{r[k]:{fmt}}" + (f" ± {r[k + '_std']:{fmt}}" if r.get("n_seeds", 1) > 1 else "")
+
+
+def _better(a: dict, b: dict, k: str) -> bool:
+    """a beats b on metric k by a margin outside the seed spread (the gap exceeds the sum of
+    the two stds; with one seed each, any gap)."""
+    gap = (b[k] - a[k]) if _LOWER_IS_BETTER.get(k, True) else (a[k] - b[k])
+    return gap > a.get(f"{k}_std", 0.0) + b.get(f"{k}_std", 0.0)
 
 
 def _label(r: dict) -> str:
@@ -79,6 +125,7 @@ def _find(rows, family, sampler, steps=None, rtol=None, karras=False):
 
 
 PEERS = ("dpmpp2m", "unipc", "euler", "heun")
+REFERENCE = "class-gaussian"
 
 
 def peer_claims(rows: list[dict]) -> list[str]:
@@ -92,18 +139,87 @@ def peer_claims(rows: list[dict]) -> list[str]:
         if not peers:
             continue
         best = min(peers, key=lambda r: r["fd"])
-        out.append(f"<= {ddim['nfe']} calls: best peer {_label(best).split(' ', 1)[1]} "
-                   f"(NFE {best['nfe']}) FD {best['fd']:.1f} vs our DDIM-{ddim['nfe']} FD "
-                   f"{ddim['fd']:.1f}: our DDIM {'is' if ddim['fd'] <= best['fd'] else 'is NOT'} "
-                   f"on the frontier")
+        out.append(f"<= {ddim['nfe']:.0f} calls: best peer {_label(best).split(' ', 1)[1]} "
+                   f"(NFE {best['nfe']:.0f}) FD {_pm(best, 'fd')} vs our DDIM-{ddim['nfe']:.0f} "
+                   f"FD {_pm(ddim, 'fd')}: our DDIM "
+                   f"{'is' if ddim['fd'] <= best['fd'] else 'is NOT'} on the frontier")
     g = _find(rows, "ddgan", "posterior")
     if g:
-        rivals = [r for r in rows if r["family"] != "ddgan" and r["nfe"] <= g["nfe"]]
+        rivals = [r for r in rows if r["family"] not in ("ddgan", REFERENCE)
+                  and r["nfe"] <= g["nfe"]]
         if rivals:
             best = min(rivals, key=lambda r: r["fd"])
-            out.append(f"DDGAN (T={g['nfe']}) FD {g['fd']:.1f} vs the best other sampler at <= "
-                       f"{g['nfe']} calls, {_label(best)} FD {best['fd']:.1f}: DDGAN "
+            out.append(f"DDGAN (T={g['nfe']:.0f}) FD {_pm(g, 'fd')} vs the best other sampler at "
+                       f"<= {g['nfe']:.0f} calls, {_label(best)} FD {_pm(best, 'fd')}: DDGAN "
                        f"{'has' if g['fd'] <= best['fd'] else 'does NOT have'} the best FD")
+    return out
+
+
+def reference_claims(rows: list[dict]) -> list[str]:
+    """Every family's best-FD row against the class-conditional Gaussian on every metric, each
+    gap outside the seed spread (issue 20)."""
+    ref = _find(rows, REFERENCE, "reference")
+    if ref is None:
+        return ["every family vs the class Gaussian: missing reference row"]
+    out = []
+    for fam in dict.fromkeys(r["family"] for r in rows if r["family"] != REFERENCE):
+        best = min((r for r in rows if r["family"] == fam), key=lambda r: r["fd"])
+        lost = [k for k in _LOWER_IS_BETTER if best.get(k) is not None and ref.get(k) is not None
+                and not _better(best, ref, k)]
+        out.append(f"{_label(best)} (its best FD) vs the class Gaussian on "
+                   f"{', '.join(_LOWER_IS_BETTER)}: "
+                   + ("beats it on every one (outside the spread)" if not lost else
+                      "does NOT beat it on " + ", ".join(
+                          f"{k} ({_pm(best, k, '.3g')} vs {_pm(ref, k, '.3g')})" for k in lost)))
+    return out
+
+
+def latent_claims(rows: list[dict]) -> list[str]:
+    """Issue 21's done-when claims for the combined latent models, on this run's numbers."""
+    out = []
+    lg, g = _find(rows, "latent-ddgan", "posterior"), _find(rows, "ddgan", "posterior")
+    if lg:
+        models = [r for r in rows if r["family"] != REFERENCE]
+        fastest = min(models, key=lambda r: r["ms_per_sample"])
+        out.append(f"latent DDGAN {lg['ms_per_sample']:.2f} ms / sample: "
+                   + ("the lowest of every row" if fastest is lg else
+                      f"NOT the lowest ({_label(fastest)} {fastest['ms_per_sample']:.2f} ms)"))
+        if g:
+            ok = lg["fd"] <= g["fd"] and lg["c2st"] <= 0.60
+            out.append(f"latent DDGAN FD {_pm(lg, 'fd')} vs pixel DDGAN {_pm(g, 'fd')}, C2ST "
+                       f"{_pm(lg, 'c2st', '.3f')} (bar <= 0.60): "
+                       f"{'holds' if ok else 'does NOT hold'}")
+    else:
+        out.append("latent DDGAN: missing row")
+    sscs = [r for r in rows if r["family"] == "latent-cld" and r["sampler"] == "sscs"]
+    for ode in (r for r in rows if r["family"] == "lsgm" and r["sampler"] == "ode"):
+        fits = [r for r in sscs if r["nfe"] <= ode["nfe"] / 2]
+        reach = [r for r in fits if r["fd"] - ode["fd"] <= r["fd_std"] + ode["fd_std"]]
+        tol = ode["options"].get("rtol")
+        if reach:
+            r = min(reach, key=lambda r: r["nfe"])
+            out.append(f"latent CLD {_label(r).split(' ', 1)[1]} FD {_pm(r, 'fd')} reaches LSGM ODE "
+                       f"(tol {tol:g}, NFE {ode['nfe']:.0f}) FD {_pm(ode, 'fd')} within the "
+                       f"spread at <= half its NFE: holds")
+        else:
+            best = min(fits, key=lambda r: r["fd"]) if fits else None
+            out.append(f"latent CLD SSCS at <= {ode['nfe'] / 2:.0f} NFE vs LSGM ODE (tol {tol:g}) "
+                       f"FD {_pm(ode, 'fd')}: does NOT hold"
+                       + (f" (best {_label(best).split(' ', 1)[1]} FD {_pm(best, 'fd')})"
+                          if best else " (no SSCS row that cheap)"))
+    for n in (10, 20):
+        a, b = _find(rows, "latent-cld", "sscs", n), _find(rows, "latent-cld", "em", n)
+        if a and b:
+            out.append(f"latent CLD SSCS-{n} FD {_pm(a, 'fd')} vs EM-{n} FD {_pm(b, 'fd')}: SSCS "
+                       f"better by a gap outside the spread: "
+                       f"{'holds' if _better(a, b, 'fd') else 'does NOT hold'}")
+        else:
+            out.append(f"latent CLD SSCS-{n} vs EM-{n}: missing rows")
+    lat = [r for r in rows if r["family"].startswith("latent-")]
+    if lat:
+        short = [f"{_label(r)} {r['classes_hit_min']}" for r in lat if r["classes_hit_min"] < 10]
+        out.append("latent models cover 10/10 classes in every seed: "
+                   + ("holds" if not short else "does NOT hold (" + ", ".join(short) + ")"))
     return out
 
 
@@ -112,28 +228,28 @@ def quality_claims(rows: list[dict]) -> list[str]:
     out = []
     g, d = _find(rows, "ddgan", "posterior"), _find(rows, "ddpm", "ancestral", 1000)
     if g and d:
-        ok = g["fd"] <= 1.5 * d["fd"] and d["ms_per_sample"] >= 100 * g["ms_per_sample"]
-        out.append(f"DDGAN (T={g['nfe']}) FD {g['fd']:.1f} vs DDPM ancestral-1000 FD {d['fd']:.1f} "
-                   f"(ratio {g['fd'] / d['fd']:.2f}, bar <= 1.5) at "
-                   f"{d['ms_per_sample'] / g['ms_per_sample']:.0f}x less time per sample "
-                   f"(bar >= 100x): {'holds' if ok else 'does NOT hold'}")
+        out.append(f"DDGAN (T={g['nfe']:.0f}) FD {_pm(g, 'fd')} vs DDPM ancestral-1000 FD "
+                   f"{_pm(d, 'fd')}: ratio {g['fd'] / d['fd']:.2f} (goal 1.5) at "
+                   f"{d['ms_per_sample'] / g['ms_per_sample']:.0f}x less time per sample")
     else:
         out.append("DDGAN vs DDPM-1000: missing rows")
     for n in (20, 50):
         a, b = _find(rows, "cld", "sscs", n), _find(rows, "cld", "em", n)
         if a and b:
-            out.append(f"CLD SSCS-{n} FD {a['fd']:.1f} vs EM-{n} FD {b['fd']:.1f} at equal NFE: "
-                       f"{'holds' if a['fd'] < b['fd'] else 'does NOT hold'}")
+            out.append(f"CLD SSCS-{n} FD {_pm(a, 'fd')} vs EM-{n} FD {_pm(b, 'fd')} at equal NFE, "
+                       f"gap outside the spread: "
+                       f"{'holds' if _better(a, b, 'fd') else 'does NOT hold'}")
         else:
             out.append(f"CLD SSCS-{n} vs EM-{n}: missing rows")
     for tol in sorted({r.get("options", {}).get("rtol") for r in rows
                        if r["family"] == "lsgm" and r["sampler"] == "ode"} - {None}):
         a, b = _find(rows, "lsgm", "ode", rtol=tol), _find(rows, "ddpm", "ode", rtol=tol)
         if a and b:
-            out.append(f"LSGM ODE NFE {a['nfe']} vs DDPM ODE NFE {b['nfe']} at tol {tol:g}: "
-                       f"{'holds' if a['nfe'] < b['nfe'] else 'does NOT hold'}")
+            out.append(f"LSGM ODE NFE {a['nfe']:.0f} vs DDPM ODE NFE {b['nfe']:.0f} at tol "
+                       f"{tol:g}: {'holds' if a['nfe'] < b['nfe'] else 'does NOT hold'}")
         elif a:
-            out.append(f"LSGM ODE NFE {a['nfe']} at tol {tol:g}: no DDPM ODE row at that tolerance")
+            out.append(f"LSGM ODE NFE {a['nfe']:.0f} at tol {tol:g}: no DDPM ODE row at that "
+                       f"tolerance")
     return out
 
 
@@ -141,7 +257,12 @@ def quality_table(bench_json: dict) -> str:
     rows = _quality_rows(bench_json)
     meta = bench_json.get("fastsample", {})
     dev = rows[0]["device"] if rows else "?"
-    lines = [f"Digits, {rows[0]['num'] if rows else '?'} samples per row, device {dev} "
+    seeds = sorted({tuple(r["seeds"] or ()) for r in rows})
+    seed_txt = ("one sampler seed (not recorded)" if seeds in ([], [()]) else
+                f"sampler seeds {', '.join(map(str, seeds[0])) if len(seeds) == 1 else seeds} "
+                f"(mean ± std)")
+    lines = [f"Digits, {rows[0]['num'] if rows else '?'} samples per row and seed, {seed_txt}, "
+             f"device {dev} "
              f"({meta.get('machine', bench_json.get('machine_info', {}).get('cpu', {}).get('brand_raw', ''))}); "
              f"commit {meta.get('commit', bench_json.get('commit_info', {}).get('id', '?'))[:12]}; "
              f"date {meta.get('date', bench_json.get('datetime', '?')[:10])}.",
@@ -149,22 +270,21 @@ def quality_table(bench_json: dict) -> str:
              "C2ST: logistic regression in the classifier's features (5-fold); C2ST pix / feat: "
              "boosted trees, held out, on raw pixels / the features (fastsample.metrics; "
              "calibration in docs/metrics_calibration.md). Precision / recall: k-NN manifolds "
-             "(k = 3) in the features.",
+             "(k = 3) in the features. Classes hit: the fewest over the seeds.",
              "",
              "| family | sampler | NFE | ms / sample | FD | precision | recall | C2ST | "
              "C2ST pix | C2ST feat | classes hit |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def cell(r, k):
-        return f"{r[k]:.3f}" if r.get(k) is not None else "-"
-
     for r in rows:
-        lines.append(f"| {r['family']} | {_label(r).split(' ', 1)[1]} | {r['nfe']} | "
-                     f"{r['ms_per_sample']:.3f} | {r['fd']:.1f} | {cell(r, 'precision')} | "
-                     f"{cell(r, 'recall')} | {cell(r, 'c2st')} | {cell(r, 'c2st_pixels')} | "
-                     f"{cell(r, 'c2st_features')} | {r['classes_hit']} |")
+        nfe = f"{r['nfe']:.0f}" if r["nfe"] == int(r["nfe"]) else f"{r['nfe']:.1f}"
+        lines.append(f"| {r['family']} | {_label(r).split(' ', 1)[1]} | {nfe} | "
+                     f"{_pm(r, 'ms_per_sample', '.2f')} | {_pm(r, 'fd')} | "
+                     f"{_pm(r, 'precision', '.3f')} | {_pm(r, 'recall', '.3f')} | "
+                     f"{_pm(r, 'c2st', '.3f')} | {_pm(r, 'c2st_pixels', '.3f')} | "
+                     f"{_pm(r, 'c2st_features', '.3f')} | {r['classes_hit_min']} |")
     lines += ["", "Claims, checked on this run:", ""]
-    lines += [f"- {c}" for c in quality_claims(rows) + peer_claims(rows)]
+    lines += [f"- {c}" for c in quality_claims(rows) + peer_claims(rows) + latent_claims(rows)
+              + reference_claims(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -174,10 +294,18 @@ def quality_plot(bench_json: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     rows = _quality_rows(bench_json)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    colors = {"ddgan": "tab:red", "cld": "tab:blue", "lsgm": "tab:green", "ddpm": "tab:gray"}
-    for r in rows:
+    colors = {"ddgan": "tab:red", "cld": "tab:blue", "lsgm": "tab:green", "ddpm": "tab:gray",
+              "latent-ddgan": "tab:orange", "latent-cld": "tab:purple"}
+    ref = _find(rows, REFERENCE, "reference")
+    if ref is not None:     # not a sampler: no time to place it at; a line at its FD
+        ax.axhline(ref["fd"], color="k", lw=0.8, ls="--")
+        ax.annotate("class Gaussian (reference)", (0.01, ref["fd"]), fontsize=6,
+                    xycoords=("axes fraction", "data"), xytext=(0, 3), textcoords="offset points")
+    for r in (r for r in rows if r["family"] != REFERENCE):
         # peer samplers (diffusers' schedulers on the DDPM net): hollow, so the families stand out
         peer = r["sampler"] in PEERS
+        ax.errorbar(r["ms_per_sample"], r["fd"], yerr=r.get("fd_std", 0.0), fmt="none",
+                    ecolor=colors.get(r["family"], "k"), elinewidth=0.7)
         ax.scatter(r["ms_per_sample"], r["fd"], s=25, marker="D" if peer else "o",
                    facecolors="none" if peer else colors.get(r["family"], "k"),
                    edgecolors=colors.get(r["family"], "k"))

@@ -1,12 +1,17 @@
 """Quality vs sampling time on the released digits checkpoints: the paper's Figure 8 in miniature.
 
 Each case samples NUM digits (default 2000; FASTSAMPLE_BENCH_NUM overrides) with one sampler of
-one family, times the sampling call once (pytest-benchmark, one round: a 1000-step sampler is the
-benchmark, not a micro-op), and records every digits metric of fastsample.metrics.evaluate (FD, precision / recall, the
-logistic and the boosted-trees C2STs, coverage), NFE and time per sample in extra_info. The DDPM
-rows include the peer samplers (diffusers' schedulers, skipped without the `baselines` extra);
-select rows with -k on the ids, e.g. `-k "ddpm and (ddim or ancestral or dpmpp2m)"`. `python bench/report.py quality <json>` turns the run into the table and the
-log-time vs FD plot. Cases whose checkpoint is missing are skipped with the reason.
+one family, once per sampler seed (default 0, 1, 2; FASTSAMPLE_BENCH_SEEDS="0" for one), times
+the sampling call once (pytest-benchmark, one round: a 1000-step sampler is the benchmark, not a
+micro-op), and records every digits metric of fastsample.metrics.evaluate (FD, precision /
+recall, the logistic and the boosted-trees C2STs, coverage), NFE and time per sample in
+extra_info. The DDPM rows include the peer samplers (diffusers' schedulers, skipped without the
+`baselines` extra); select rows with -k on the ids, e.g.
+`-k "ddpm and (ddim or ancestral or dpmpp2m)"`. `python bench/report.py quality <json>` turns
+the run into the table (mean +- std over the seeds), the claims and the log-time vs FD plot.
+Cases whose checkpoint is missing are skipped with the reason. A class-conditional Gaussian
+fitted to the training digits (metrics.fit_class_gaussian, quantised like a model's output) is
+the reference row every family must beat.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "digits"
 NUM = int(os.environ.get("FASTSAMPLE_BENCH_NUM", "2000"))
-SEED = 1234
+SEEDS = tuple(int(s) for s in os.environ.get("FASTSAMPLE_BENCH_SEEDS", "0,1,2").split(","))
 
 PEERS = ("dpmpp2m", "unipc", "euler", "heun")
 PEER_NFE = (4, 6, 10, 20)
@@ -55,8 +60,9 @@ def _id(case):
     return f"{fam}-{sampler}{tail}{tol}{karras}"
 
 
+@pytest.mark.parametrize("seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_quality_vs_time(benchmark, case):
+def test_quality_vs_time(benchmark, case, seed):
     from fastsample.metrics import evaluate
     from fastsample.models import load_model
 
@@ -85,18 +91,44 @@ def test_quality_vs_time(benchmark, case):
 
     def run():
         t0 = time.perf_counter()
-        x, nfe = sample(model, sampler, steps, NUM, SEED, device, **opts)
+        x, nfe = sample(model, sampler, steps, NUM, seed, device, **opts)
         if device == "cuda":
             torch.cuda.synchronize()
         out.update(x=x, nfe=nfe, seconds=time.perf_counter() - t0)
 
     if device == "cuda":
         # first use on a GPU pays CUDA init, cuDNN autotuning and Triton JIT: keep them out
-        sample(model, sampler, steps, 8, SEED, device, **opts)
+        sample(model, sampler, steps, 8, seed, device, **opts)
         torch.cuda.synchronize()
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     metrics = evaluate(out["x"].float().cpu(), "digits", seed=0)
     benchmark.extra_info.update(
-        family=fam, sampler=sampler, steps=steps, options=opts, num=NUM, device=device,
+        family=fam, sampler=sampler, steps=steps, options=opts, num=NUM, device=device, seed=seed,
         nfe=int(out["nfe"]), seconds=out["seconds"], ms_per_sample=1e3 * out["seconds"] / NUM,
         threads=torch.get_num_threads(), checkpoint_steps=card.train_steps, **metrics)
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
+def test_class_gaussian_reference(benchmark, seed):
+    """The bar every family must clear: per-class mean and full covariance of the training digits,
+    NUM draws with the data's class frequencies, quantised to the 17 grey levels."""
+    from fastsample.data.images import load_digits, quantize_digits
+    from fastsample.metrics import evaluate, fit_class_gaussian, sample_class_gaussian
+
+    train = load_digits("train", seed=0)
+    fit = fit_class_gaussian(train.x, train.labels)
+    out = {}
+
+    def run():
+        t0 = time.perf_counter()
+        out.update(x=quantize_digits(sample_class_gaussian(NUM, fit,
+                                                           torch.Generator().manual_seed(seed))),
+                   seconds=time.perf_counter() - t0)
+
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    metrics = evaluate(out["x"], "digits", seed=0)
+    benchmark.extra_info.update(
+        family="class-gaussian", sampler="reference", steps=None, options={}, num=NUM,
+        device="cpu", seed=seed, nfe=0, seconds=out["seconds"],
+        ms_per_sample=1e3 * out["seconds"] / NUM, threads=torch.get_num_threads(),
+        checkpoint_steps=0, **metrics)
