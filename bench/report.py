@@ -233,7 +233,7 @@ def quality_claims(rows: list[dict]) -> list[str]:
                    f"{d['ms_per_sample'] / g['ms_per_sample']:.0f}x less time per sample")
     else:
         out.append("DDGAN vs DDPM-1000: missing rows")
-    for n in (20, 50):
+    for n in (10, 20, 50):
         a, b = _find(rows, "cld", "sscs", n), _find(rows, "cld", "em", n)
         if a and b:
             out.append(f"CLD SSCS-{n} FD {_pm(a, 'fd')} vs EM-{n} FD {_pm(b, 'fd')} at equal NFE, "

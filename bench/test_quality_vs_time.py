@@ -35,7 +35,7 @@ PEER_NFE = (4, 6, 10, 20)
 # (family, sampler, steps, options) — DDGAN at its trained T; CLD with quadratic striding.
 CASES = (
     [("ddgan", "posterior", None, {})]
-    + [("cld", s, n, {"schedule": "quadratic"}) for s in ("sscs", "em") for n in (20, 50, 100, 200)]
+    + [("cld", s, n, {"schedule": "quadratic"}) for s in ("sscs", "em") for n in (10, 20, 50, 100, 200)]
     + [("cld", "ode", None, {"rtol": 1e-5, "atol": 1e-5})]
     + [("lsgm", "ode", None, {"rtol": tol, "atol": tol}) for tol in (1e-5, 1e-3)]
     + [("ddpm", "ancestral", n, {}) for n in (4, 6, 10, 20, 1000)]
