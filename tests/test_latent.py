@@ -66,7 +66,9 @@ def _cld_pair(toy):
 
 
 @pytest.mark.parametrize("sampler,steps,opts", [
-    ("sscs", 8, {"schedule": "quadratic"}), ("sscs", 8, {"schedule": "uniform"}),
+    ("sscs", 8, {"schedule": "quadratic", "midpoint": False}),
+    ("sscs", 8, {"schedule": "uniform", "midpoint": False}),
+    ("sscs", 8, {"schedule": "quadratic", "midpoint": True}),
     ("em", 8, {"schedule": "quadratic"}), ("em", 8, {"schedule": "uniform"}),
     ("ode", None, {"rtol": 1e-2, "atol": 1e-2})])
 def test_identity_latent_cld_reproduces_cld(toy, sampler, steps, opts):
@@ -94,6 +96,17 @@ def test_identity_latent_ddgan_reproduces_ddgan(toy, T):
     assert nfe_a == nfe_b == T
     assert torch.equal(a, b)
     assert ddgan_s.table(plain).rows == lddgan_s.table(lat).rows
+
+
+def test_latent_cld_sscs_defaults_to_the_midpoint_score_time(toy):
+    """Latent CLD's SSCS evaluates the score at each step's midpoint unless told otherwise; EM
+    has no such option and is unchanged."""
+    plain, lat = _cld_pair(toy)
+    mid = cld_s.table(plain, "sscs", 8, midpoint=True)
+    assert lcld_s.table(lat, "sscs", 8).rows == mid.rows
+    assert lcld_s.table(lat, "sscs", 8, midpoint=False).rows == cld_s.table(plain, "sscs", 8).rows
+    assert mid.rows != cld_s.table(plain, "sscs", 8).rows
+    assert lcld_s.table(lat, "em", 8).rows == cld_s.table(plain, "em", 8).rows
 
 
 # ---------------------------------------------------------------------------------------------

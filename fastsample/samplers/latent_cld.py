@@ -26,7 +26,16 @@ SAMPLERS = ("sscs", "em", "ode")
 
 
 def table(model, sampler: str, steps: int, **opts) -> plans.Table:
-    """CLD's fixed plan (sscs | em, samplers/cld.table) in latent space, with the decoder step."""
+    """CLD's fixed plan (sscs | em, samplers/cld.table) in latent space, with the decoder step.
+
+    SSCS evaluates the score at the midpoint of its step by default (midpoint=True: the time the
+    state has reached after the first A half step, which makes the split symmetric), not at
+    the step's start as pixel CLD and the official code do. Measured on the released digits
+    prior (2000 samples x 3 seeds, quadratic striding, docs/latent.md): FD 12.9 +- 0.5 against
+    20.3 +- 3.5 at 20 NFE, 18.5 +- 3.5 against 38.7 +- 3.6 at 10. midpoint=False restores the
+    step-start rule."""
+    if sampler == "sscs":
+        opts.setdefault("midpoint", True)
     return plans.as_latent(_cld.table(model, sampler, steps, **opts), FAMILY,
                            model.latent_shape, model.vae.mode)
 

@@ -25,14 +25,13 @@ RELEASED = ("ddgan:digits", "cld:digits", "lsgm:digits", "ddpm:digits",
             "latent-cld:digits", "latent-ddgan:digits")
 SEED = 0
 # The latent models train their prior on the released LSGM's VAE (frozen: no VAE stage), so
-# they come after it in RELEASED and share its encoder and decoder. The shipped latent-cld was
-# trained in two legs on a shared 2-core CPU (its card holds both commands): --steps 3000
-# stopped at 18 minutes, then --resume with the steps below, stopped at 40 minutes. The
-# latent DDGAN models only that VAE's one active channel (docs/latent.md): 15000 steps in one
-# leg, 45 minutes on one thread.
+# they come after it in RELEASED and share its encoder and decoder. Both model only that VAE's
+# one active channel (docs/latent.md): latent-cld 12000 steps (24 min on one thread),
+# latent-ddgan 15000 steps (45 min on one thread), each in one leg.
 _LATENT_PRIOR = ("--set", "vae_init=checkpoints/digits/lsgm.safetensors", "--set", "vae_steps=0",
                  "--ema", "0.995")
-RELEASE_ARGS = {"latent-cld:digits": _LATENT_PRIOR + ("--steps", "6000"),
+RELEASE_ARGS = {"latent-cld:digits": _LATENT_PRIOR + ("--set", "latent_channels=0",
+                                                      "--steps", "12000"),
                 "latent-ddgan:digits": _LATENT_PRIOR + ("--set", "latent_channels=0",
                                                         "--steps", "15000")}
 
