@@ -128,6 +128,10 @@ def _sample_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--schedule", choices=("uniform", "quadratic"), default=None,
                     help="time striding, where the sampler has one")
+    sp.add_argument("--score-time", choices=("start", "midpoint"), default=None,
+                    help="sscs: the time its score is evaluated at within each step: the step's "
+                    "start (the paper's code; cld's default) or its midpoint (the symmetric "
+                    "split; latent-cld's default)")
     sp.add_argument("--rtol", type=float, default=None, help="ode samplers: relative tolerance")
     sp.add_argument("--atol", type=float, default=None, help="ode samplers: absolute tolerance")
     sp.add_argument("--karras", action="store_true", default=None,
@@ -186,6 +190,8 @@ def cmd_sample(ns: argparse.Namespace) -> int:
                          f"({card.dataset}) model")
     opts = {k: getattr(ns, k) for k in ("schedule", "rtol", "atol", "karras")
             if getattr(ns, k) is not None}
+    if ns.score_time is not None:
+        opts["midpoint"] = ns.score_time == "midpoint"
     if ns.sampler is None:
         ns.sampler, defaults = entry.default
         opts = {**defaults, **opts}
@@ -245,7 +251,7 @@ def _sample_engine(model, card, ns, batch: int, opts: dict):
 
     if opts.get("rtol") is not None or opts.get("atol") is not None:
         raise ValueError("--engine runs fixed-step samplers; --rtol/--atol do not apply")
-    kw = {"schedule": opts["schedule"]} if "schedule" in opts else {}
+    kw = {k: opts[k] for k in ("schedule", "midpoint") if k in opts}
     t0 = time.perf_counter()
     engine = Engine(model, ns.sampler, ns.steps, batch=batch, dtype=ns.dtype, device=ns.device,
                     **kw)

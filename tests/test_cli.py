@@ -166,6 +166,29 @@ def test_sample_without_sampler_uses_the_family_default(tmp_path, capsys):
     assert np.array_equal(za["samples"], zb["samples"])
 
 
+def test_score_time_selects_the_sscs_midpoint_rule(tmp_path, capsys):
+    """--score-time: latent-cld's SSCS defaults to the midpoint (the same samples as naming it),
+    start gives other samples, on the plain path and the Engine alike; a sampler without the
+    option refuses it before any work."""
+    import numpy as np
+    ck = "checkpoints/digits/latent-cld.safetensors"
+    runs = {}
+    for name, extra in (("default", []), ("mid", ["--score-time", "midpoint"]),
+                        ("start", ["--score-time", "start"]),
+                        ("start_engine", ["--score-time", "start", "--engine"])):
+        runs[name] = tmp_path / f"{name}.npz"
+        assert main(["sample", ck, "--sampler", "sscs", "--steps", "6", "--num", "4",
+                     "--out", str(runs[name]), *extra]) == 0
+    got = {k: np.load(v)["samples"] for k, v in runs.items()}
+    assert np.array_equal(got["default"], got["mid"])
+    assert not np.array_equal(got["default"], got["start"])
+    assert np.array_equal(got["start"], got["start_engine"])
+    out = tmp_path / "em.npz"
+    assert main(["sample", ck, "--sampler", "em", "--steps", "6", "--num", "4",
+                 "--score-time", "start", "--out", str(out)]) == 2
+    assert "midpoint" in capsys.readouterr().err and not out.exists()
+
+
 def test_demo_table(tmp_path, capsys):
     # 10 samples per family: the table and grids are what is checked, not the metrics' values.
     assert main(["demo", "--num", "10", "--out", str(tmp_path), "--no-latency"]) == 0
