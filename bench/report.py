@@ -174,6 +174,20 @@ def reference_claims(rows: list[dict]) -> list[str]:
     return out
 
 
+def _sscs_vs_em(rows: list[dict], family: str, name: str, budgets) -> list[str]:
+    """SSCS against EM at equal NFE: better by an FD gap outside the seed spread?"""
+    out = []
+    for n in budgets:
+        a, b = _find(rows, family, "sscs", n), _find(rows, family, "em", n)
+        if a and b:
+            out.append(f"{name} SSCS-{n} FD {_pm(a, 'fd')} vs EM-{n} FD {_pm(b, 'fd')} at equal "
+                       f"NFE, gap outside the spread: "
+                       f"{'holds' if _better(a, b, 'fd') else 'does NOT hold'}")
+        else:
+            out.append(f"{name} SSCS-{n} vs EM-{n}: missing rows")
+    return out
+
+
 def latent_claims(rows: list[dict]) -> list[str]:
     """Issue 21's done-when claims for the combined latent models, on this run's numbers."""
     out = []
@@ -207,14 +221,7 @@ def latent_claims(rows: list[dict]) -> list[str]:
                        f"FD {_pm(ode, 'fd')}: does NOT hold"
                        + (f" (best {_label(best).split(' ', 1)[1]} FD {_pm(best, 'fd')})"
                           if best else " (no SSCS row that cheap)"))
-    for n in (10, 20):
-        a, b = _find(rows, "latent-cld", "sscs", n), _find(rows, "latent-cld", "em", n)
-        if a and b:
-            out.append(f"latent CLD SSCS-{n} FD {_pm(a, 'fd')} vs EM-{n} FD {_pm(b, 'fd')}: SSCS "
-                       f"better by a gap outside the spread: "
-                       f"{'holds' if _better(a, b, 'fd') else 'does NOT hold'}")
-        else:
-            out.append(f"latent CLD SSCS-{n} vs EM-{n}: missing rows")
+    out += _sscs_vs_em(rows, "latent-cld", "latent CLD", (10, 20))
     lat = [r for r in rows if r["family"].startswith("latent-")]
     if lat:
         short = [f"{_label(r)} {r['classes_hit_min']}" for r in lat if r["classes_hit_min"] < 10]
@@ -233,14 +240,7 @@ def quality_claims(rows: list[dict]) -> list[str]:
                    f"{d['ms_per_sample'] / g['ms_per_sample']:.0f}x less time per sample")
     else:
         out.append("DDGAN vs DDPM-1000: missing rows")
-    for n in (10, 20, 50):
-        a, b = _find(rows, "cld", "sscs", n), _find(rows, "cld", "em", n)
-        if a and b:
-            out.append(f"CLD SSCS-{n} FD {_pm(a, 'fd')} vs EM-{n} FD {_pm(b, 'fd')} at equal NFE, "
-                       f"gap outside the spread: "
-                       f"{'holds' if _better(a, b, 'fd') else 'does NOT hold'}")
-        else:
-            out.append(f"CLD SSCS-{n} vs EM-{n}: missing rows")
+    out += _sscs_vs_em(rows, "cld", "CLD", (10, 20, 50))
     for tol in sorted({r.get("options", {}).get("rtol") for r in rows
                        if r["family"] == "lsgm" and r["sampler"] == "ode"} - {None}):
         a, b = _find(rows, "lsgm", "ode", rtol=tol), _find(rows, "ddpm", "ode", rtol=tol)

@@ -64,7 +64,7 @@ def test_latent_and_reference_claims():
     assert "vs pixel DDGAN" in claims and "holds" in claims.split("\n")[1]
     assert "sscs-20 FD 22.0 ± 1.0 reaches LSGM ODE" in claims   # gap 1 <= 1 + 1
     assert "SSCS-20 FD 22.0 ± 1.0 vs EM-20 FD 23.0 ± 1.0" in claims
-    assert "outside the spread: does NOT hold" in claims          # gap 1 < 2
+    assert "NFE, gap outside the spread: does NOT hold" in claims     # gap 1 < 2
     assert "SSCS-10 vs EM-10: missing rows" in claims
     assert "does NOT hold (latent-cld em-20 9)" in claims
     ref = report.reference_claims(rows)
