@@ -156,14 +156,18 @@ def peer_claims(rows: list[dict]) -> list[str]:
 
 
 def reference_claims(rows: list[dict]) -> list[str]:
-    """Every family's best-FD row against the class-conditional Gaussian on every metric, each
-    gap outside the seed spread (issue 20)."""
+    """Every family's best-FD row (its own samplers; the peer samplers are not the family's)
+    against the class-conditional Gaussian on every metric, each gap outside the seed spread
+    (issue 20)."""
     ref = _find(rows, REFERENCE, "reference")
     if ref is None:
         return ["every family vs the class Gaussian: missing reference row"]
     out = []
     for fam in dict.fromkeys(r["family"] for r in rows if r["family"] != REFERENCE):
-        best = min((r for r in rows if r["family"] == fam), key=lambda r: r["fd"])
+        own = [r for r in rows if r["family"] == fam and r["sampler"] not in PEERS]
+        if not own:
+            continue
+        best = min(own, key=lambda r: r["fd"])
         lost = [k for k in _LOWER_IS_BETTER if best.get(k) is not None and ref.get(k) is not None
                 and not _better(best, ref, k)]
         out.append(f"{_label(best)} (its best FD) vs the class Gaussian on "
