@@ -78,8 +78,13 @@ class VAEFields:
 
     def state_shape(self) -> tuple:
         """The prior's state: the latent's modelled channels (all of them by default)."""
-        C, *rest = lsgm.vae_config(self).latent_shape
-        return (len(self.latent_channels) or C, *rest)
+        return state_shape(lsgm.vae_config(self).latent_shape, self.latent_channels)
+
+
+def state_shape(latent_shape: tuple, channels: tuple) -> tuple:
+    """A latent prior's state: latent_shape with only the modelled channels (() = all)."""
+    C, *rest = latent_shape
+    return (len(channels) or C, *rest)
 
 
 class VAE(nn.Module):
@@ -137,14 +142,10 @@ def active_channels(encoder: nn.Module, x01: torch.Tensor, threshold: float = 0.
     return tuple(int(c) for c in torch.nonzero(var > threshold).flatten())
 
 
-def full_latent(z0: torch.Tensor, channels: tuple, full_ch: int, family: str) -> torch.Tensor:
-    """The modelled channels of z0 put in their places of the VAE's latent, the inactive ones
-    at 0 (by concatenation, so that it traces into one graph with the same inputs)."""
-    if not channels:
-        return z0
-    if z0.dim() < 2 or z0.shape[1] != len(channels):
-        raise ValueError(f"{family} decode: z0 has shape {tuple(z0.shape)}; expected "
-                         f"{len(channels)} channels, the modelled latent channels {channels}")
+def full_latent(z0: torch.Tensor, channels: tuple, full_ch: int) -> torch.Tensor:
+    """The modelled channels of z0 (N, len(channels), ...) put in their places of the VAE's
+    latent, the inactive ones at 0 (by concatenation, so that it traces into one graph with the
+    same inputs). The caller checks z0's shape (DecoderStep.decode)."""
     zero = z0.new_zeros(z0.shape[0], 1, *z0.shape[2:])
     where = {c: k for k, c in enumerate(channels)}
     return torch.cat([z0[:, where[c]:where[c] + 1] if c in where else zero
@@ -164,8 +165,7 @@ class DecoderStep:
                 raise ValueError(f"{self.family} decode: z0 has shape {tuple(z0.shape)}; "
                                  f"expected (N, {', '.join(map(str, self.latent_shape))}), the "
                                  f"modelled channels {self.latent_channels}")
-            z0 = full_latent(z0, self.latent_channels, int(self.vae.latent_shape[0]),
-                             self.family)
+            z0 = full_latent(z0, self.latent_channels, int(self.vae.latent_shape[0]))
         return self.vae.decode(z0, mode)
 
     def to_data(self, x: torch.Tensor) -> torch.Tensor:

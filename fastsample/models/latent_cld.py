@@ -74,8 +74,8 @@ class Model(latent.DecoderStep, nn.Module):
         self.cld = CLD(config.cld_config())
         self.mixed_score = config.mixed_score
         self.vae = vae if vae is not None else latent.VAE(config)
-        C, *rest = self.vae.latent_shape
-        if (len(config.latent_channels) or C, *rest) != tuple(config.data_shape):
+        if latent.state_shape(tuple(self.vae.latent_shape), config.latent_channels) \
+                != tuple(config.data_shape):
             raise ValueError(f"{FAMILY}: the VAE's latent {self.vae.latent_shape} (channels "
                              f"{config.latent_channels or 'all'}) is not the config's CLD shape "
                              f"{config.data_shape}")

@@ -52,8 +52,7 @@ class Model(latent.DecoderStep, ddgan.Model):
     def __init__(self, cfg: Config, dataset: str = "digits", kind: str = "image",
                  vae: nn.Module | None = None):
         vae = vae if vae is not None else latent.VAE(cfg)
-        C, *rest = vae.latent_shape
-        shape = (len(cfg.latent_channels) or C, *rest)
+        shape = latent.state_shape(tuple(vae.latent_shape), cfg.latent_channels)
         super().__init__(cfg, dataset, kind, shape)
         self.vae = vae
         self.latent_shape = shape
