@@ -485,6 +485,20 @@ def c2st_heldout(a, b, seed: int = 0) -> float:
     return correct / (2 * n)
 
 
+BORDER_COLUMNS = (0, 7)
+
+
+def background_stats(samples) -> dict:
+    """{"zero_frac", "border_lit"}: the share of pixels at level 0, and of lit (level > 0)
+    pixels in the two border columns, after mapping the samples to the 17 digits levels
+    (`quantize_digits`, which leaves samples already on the levels unchanged). Issue #20's
+    speckle check: the train split reads ~0.49 / ~0.014; a generator that imitates the
+    dequantisation noise too coarsely lights the border and empties the zeros."""
+    k = quantize_digits(check_digits(samples))
+    return {"zero_frac": float((k == 0).float().mean()),
+            "border_lit": float((k[..., list(BORDER_COLUMNS)] > 0).float().mean())}
+
+
 def digits_c2st_strong(samples, ref="train", seed: int = 0,
                        classifier_path: str | Path | None = None) -> dict:
     """c2st_heldout on raw pixels (64 values) and on the classifier's 64 features:
@@ -637,7 +651,7 @@ def grid25_modes(x, min_share: float = 0.2) -> dict:
 def evaluate(samples, data_spec: str, seed: int = 0) -> dict:
     """Metrics suited to the data: digits -> n, fd, classes_hit, kl_uniform, c2st (logistic, in
     features), precision, recall (k = PR_K, in features), c2st_pixels, c2st_features (boosted
-    trees, held out), all vs the train split;
+    trees, held out), all vs the train split, and zero_frac, border_lit (`background_stats`);
     toy2d:NAME -> n, mmd (on at most MMD_MAX_POINTS of each side), swd, against as many fresh exact
     samples of the toy as there are samples; grid25 adds grid25_modes."""
     from fastsample.data import parse_spec
@@ -648,7 +662,7 @@ def evaluate(samples, data_spec: str, seed: int = 0) -> dict:
         return {"n": len(x), "fd": frechet_distance(x, "train"), **class_coverage(x),
                 "c2st": c2st(x, "train", seed=seed),
                 **digits_precision_recall(x, "train", seed=seed),
-                **digits_c2st_strong(x, "train", seed=seed)}
+                **digits_c2st_strong(x, "train", seed=seed), **background_stats(x)}
     if source == "toy2d":
         from fastsample.data import toy2d  # lazy: written in parallel, may be absent
 

@@ -201,7 +201,8 @@ def test_evaluate_digits_and_ordering(test_split, train_split):
     mid = M.evaluate(mediocre, "digits", seed=0)
     worst = M.evaluate(bad, "digits", seed=0)
     assert set(floor) == {"n", "fd", "classes_hit", "kl_uniform", "c2st", "precision", "recall",
-                          "c2st_pixels", "c2st_features"} and floor["n"] == n
+                          "c2st_pixels", "c2st_features", "zero_frac", "border_lit"}
+    assert floor["n"] == n
     assert floor["fd"] < mid["fd"] < worst["fd"]
     assert floor["c2st"] < mid["c2st"] < worst["c2st"]
     assert abs(floor["c2st"] - 0.5) < 0.1  # held-out real digits are indistinguishable
@@ -320,6 +321,30 @@ def test_strong_c2st_sees_what_the_logistic_one_misses(train_split):
     strong = M.digits_c2st_strong(x, train_split.x[700:])
     assert strong["c2st_pixels"] > 0.95
     assert M.c2st(x, train_split.x[700:]) < strong["c2st_pixels"] - 0.2
+
+
+def test_background_stats_count_zeros_and_lit_border_pixels(train_split):
+    """Hand-built images: the counts are exact. Real digits read the data's own shares, and a
+    speckle of one lit border pixel per image moves border_lit by exactly 1/16."""
+    x = torch.zeros(4, 1, 8, 8)
+    x[0, 0, 3, 0] = 1.0               # one lit border pixel (column 0)
+    x[1, 0, 5, 7] = 2 / 16            # one in column 7, on a level
+    x[2, 0, 4, 4] = 0.03              # under the first threshold 1/17 of dequantised values: 0
+    x[3, 0, 2, 3] = 0.5               # lit, but not in a border column
+    st = M.background_stats(x)
+    assert st["zero_frac"] == (256 - 3) / 256
+    assert st["border_lit"] == 2 / 64
+    real = M.background_stats(train_split.x)
+    assert 0.45 < real["zero_frac"] < 0.53 and 0.005 < real["border_lit"] < 0.03
+    y = train_split.x.clone()
+    zero_rows = (M.quantize_digits(y[:, 0, :, 0]) == 0)
+    pick = zero_rows.float().argmax(1)           # the first unlit row of column 0, per image
+    has = zero_rows.any(1)
+    y[has.nonzero()[:, 0], 0, pick[has], 0] = 0.5
+    moved = M.background_stats(y)["border_lit"] - real["border_lit"]
+    assert abs(moved - float(has.float().mean()) / 16) < 1e-6
+    with pytest.raises(ValueError, match="NaN"):
+        M.background_stats(torch.full((4, 1, 8, 8), float("nan")))
 
 
 # ---------------------------------------------------------------------------------------------
