@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from fastsample.nets.layers import (TIME_EMBEDDINGS, AdaGroupNormSiLU, AttnBlock, Downsample,
                                     config_from_dict,
-                                    MappingMLP, ResBlock, TimeEmbedding, Upsample, check_input,
+                                    MappingMLP, PixelFourierFeatures, ResBlock, TimeEmbedding, Upsample, check_input,
                                     minibatch_std, zero_module)
 
 
@@ -228,11 +228,20 @@ class DiscriminatorConfig:
     skip_rescale: bool = True               # divide residual sums by sqrt(2)
     mbstd_group: int = 0                    # minibatch-std feature over groups of this many
                                             # consecutive samples (StyleGAN); 0 = off
+    pixel_features: int = 0                 # random Fourier features of x_prev's values (0 = off)
+    pixel_scale: float = 1.0                # ... their frequency std, cycles per unit of value
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
         if self.mbstd_group < 0:
             raise ValueError(f"DiscriminatorConfig.mbstd_group = {self.mbstd_group}; must be >= 0")
+        if isinstance(self.pixel_features, bool) or not isinstance(self.pixel_features, int) \
+                or self.pixel_features < 0:
+            raise ValueError(f"DiscriminatorConfig.pixel_features = {self.pixel_features!r}; "
+                             f"must be an int >= 0")
+        if not (isinstance(self.pixel_scale, (int, float)) and 0 < self.pixel_scale < float("inf")):
+            raise ValueError(f"DiscriminatorConfig.pixel_scale = {self.pixel_scale!r}; must be a "
+                             f"positive finite number")
         for name in ("in_ch", "resolution", "base_ch", "num_groups"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"DiscriminatorConfig.{name} = {getattr(self, name)}; must be >= 1")
@@ -264,7 +273,12 @@ class Discriminator(nn.Module):
         E = 4 * cfg.base_ch
         self.time_emb = TimeEmbedding(cfg.time_embedding, cfg.base_ch, E, cfg.fourier_scale,
                                       cfg.time_scale)
-        self.conv_in = nn.Conv2d(2 * cfg.in_ch, cfg.base_ch, 3, padding=1)
+        # x_prev only: its values must be resolved finely (a grey level is 0.12 in model
+        # space), x_t's noise need not be.
+        self.pixel_feats = (PixelFourierFeatures(cfg.pixel_features, cfg.pixel_scale)
+                            if cfg.pixel_features else None)
+        extra = self.pixel_feats.channels(cfg.in_ch) if self.pixel_feats is not None else 0
+        self.conv_in = nn.Conv2d(2 * cfg.in_ch + extra, cfg.base_ch, 3, padding=1)
         self.blocks = _Blocks()
         ch = cfg.base_ch
         for i, mult in enumerate(cfg.ch_mult):
@@ -292,7 +306,10 @@ class Discriminator(nn.Module):
         check_input("x_t", x_t, shape)
         check_input("t", t, (N,))
         emb = torch.nn.functional.silu(self.time_emb(t))
-        h = self.blocks(self.conv_in(torch.cat([x_prev, x_t], dim=1)), emb)
+        parts = [x_prev, x_t]
+        if self.pixel_feats is not None:
+            parts.append(self.pixel_feats(x_prev))
+        h = self.blocks(self.conv_in(torch.cat(parts, dim=1)), emb)
         if self.mbstd_conv is not None:
             h = self._mbstd(h)
         h = self.norm_out(h).sum(dim=(2, 3))  # (N, ch)
