@@ -468,3 +468,61 @@ def test_mlp_discriminator_mbstd_sees_its_group_only():
         assert D(x_prev[:6], x_t[:6], t[:6]).shape == (6,)
     plain = ddgan.MLPDiscriminator(cfg)
     assert plain.head is None and plain(x_prev, x_t, t).shape == (8,)
+
+
+# ---------------------------------------------------------------------------------------------
+# SkipGenerator and the image D's pixel features (issue #20 experiments).
+
+def test_skip_generator_with_a_zero_net_is_the_gaussian_posterior_mean():
+    """With F = 0, c_skip(i) x_i / sqrt(alpha_bar_i) is E[x_0 | x_i] for x_0 ~ N(0, sigma_d^2 I):
+    sqrt(ab) sigma_d^2 / (ab sigma_d^2 + 1 - ab) x_i, the closed form, at every step."""
+    sd = 0.7
+    cfg = dataclasses.replace(ddgan.Config(arch="mlp", t_power=3.0), skip_sigma_data=sd)
+    G = ddgan.make_generator(cfg, (2,))
+    assert isinstance(G, ddgan.SkipGenerator)
+    ab = ddgan.schedule_of(cfg).alpha_bar.double()
+    x = torch.randn(7, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in G.net.parameters():
+            p.zero_()
+        for i in range(1, cfg.T + 1):
+            got = G(x, torch.full((7,), float(i)), torch.randn(7, cfg.z_dim)).double()
+            want = ab[i].sqrt() * sd ** 2 / (ab[i] * sd ** 2 + 1 - ab[i]) * x.double()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # c_out ~ sigma_i at the clean steps: F's error reaches x_0' scaled down there
+    assert float(G.c_out[1]) < 0.1 * float(G.c_out[cfg.T])
+
+
+def test_skip_generator_trains_saves_and_loads(toy, tmp_path):
+    cfg = dataclasses.replace(ddgan.default_config(toy), skip_sigma_data=1.0)
+    _train(toy, tmp_path, steps=3, cfg=cfg)
+    with safe_open(str(tmp_path / "ddgan.safetensors"), "pt") as f:
+        keys = sorted(f.keys())
+    assert keys and all(k.startswith("net.") for k in keys)   # the tables are not stored
+    model, card = load_model(tmp_path / "ddgan.safetensors")
+    assert isinstance(model.generator, ddgan.SkipGenerator) and card.config["skip_sigma_data"] == 1
+    x, _ = S.sample(model, "posterior", 4, 9, seed=0)
+    assert x.shape == (9, 2) and bool(torch.isfinite(x).all())
+    with pytest.raises(ValueError, match="skip_sigma_data"):
+        dataclasses.replace(ddgan.default_config(toy), skip_sigma_data=-1.0)
+
+
+def test_image_d_pixel_features_follow_each_value_and_validate(small_digits, tmp_path):
+    from fastsample.nets.layers import PixelFourierFeatures
+    f = PixelFourierFeatures(3, 2.0)
+    x = torch.rand(2, 1, 8, 8)
+    out = f(x)
+    assert out.shape == (2, 6, 8, 8)
+    torch.testing.assert_close(out[:, 0], torch.sin(2 * math.pi * x[:, 0] * f.b[0]))
+    torch.testing.assert_close(out[:, 3], torch.cos(2 * math.pi * x[:, 0] * f.b[0]))
+    cfg = make_config("ddgan", small_digits, {"disc_input_features": "4", "disc_input_scale": "3",
+                                              "base_ch": "16", "disc_base_ch": "16"})
+    D = ddgan.build_discriminator(cfg, (1, 8, 8))
+    assert D.conv_in.in_channels == 2 + 8
+    log = _train(small_digits, tmp_path, steps=2, cfg=cfg, batch=8)
+    assert all(math.isfinite(r["loss_d"]) for r in log)
+    from fastsample.nets.unet import DiscriminatorConfig
+    with pytest.raises(ValueError, match="pixel_scale"):
+        DiscriminatorConfig(pixel_features=2, pixel_scale=0.0)
+    with pytest.raises(ValueError, match="pixel_features"):
+        DiscriminatorConfig(pixel_features=-1)
