@@ -505,6 +505,15 @@ def test_skip_generator_trains_saves_and_loads(toy, tmp_path):
     assert x.shape == (9, 2) and bool(torch.isfinite(x).all())
     with pytest.raises(ValueError, match="skip_sigma_data"):
         dataclasses.replace(ddgan.default_config(toy), skip_sigma_data=-1.0)
+    # The step-indexed tables trace into the whole-sampler graph: export's own parity gate
+    # (ONNX Runtime against eager) passes.
+    pytest.importorskip("onnxruntime")
+    from fastsample.export.command import main as export_main
+    out = tmp_path / "onnx"
+    assert export_main([str(tmp_path / "ddgan.safetensors"), "--format", "onnx", "--what",
+                        "sampler", "--out", str(out), "--max-batch", "8"]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["parity"]["max_abs"] < 1e-5, man["parity"]
 
 
 def test_image_d_pixel_features_follow_each_value_and_validate(small_digits, tmp_path):
