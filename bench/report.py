@@ -57,7 +57,7 @@ def kernels_table(bench_json: dict) -> str:
 
 
 _METRICS = ("fd", "precision", "recall", "c2st", "c2st_pixels", "c2st_features", "classes_hit",
-            "kl_uniform", "ms_per_sample", "nfe", "seconds")
+            "kl_uniform", "ms_per_sample", "nfe", "seconds", "zero_frac", "border_lit")
 # Which way is better for each metric a family must beat the class Gaussian on.
 _LOWER_IS_BETTER = {"fd": True, "c2st": True, "c2st_pixels": True, "c2st_features": True,
                     "precision": False, "recall": False}
@@ -275,17 +275,24 @@ def quality_table(bench_json: dict) -> str:
              "boosted trees, held out, on raw pixels / the features (fastsample.metrics; "
              "calibration in docs/metrics_calibration.md). Precision / recall: k-NN manifolds "
              "(k = 3) in the features. Classes hit: the fewest over the seeds.",
-             "",
-             "| family | sampler | NFE | ms / sample | FD | precision | recall | C2ST | "
-             "C2ST pix | C2ST feat | classes hit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             ""]
+    # Runs recorded before metrics.background_stats have no background columns.
+    bg = any(r.get("border_lit") is not None for r in rows)
+    if bg:
+        lines += ["Zeros / border lit: the share of level-0 pixels and of lit pixels in the two "
+                  "border columns (metrics.background_stats; train split 0.489 / 0.014).", ""]
+    lines += ["| family | sampler | NFE | ms / sample | FD | precision | recall | C2ST | "
+              "C2ST pix | C2ST feat | classes hit |" + (" zeros | border lit |" if bg else ""),
+              "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if bg else "")]
     for r in rows:
         nfe = f"{r['nfe']:.0f}" if r["nfe"] == int(r["nfe"]) else f"{r['nfe']:.1f}"
         lines.append(f"| {r['family']} | {_label(r).split(' ', 1)[1]} | {nfe} | "
                      f"{_pm(r, 'ms_per_sample', '.2f')} | {_pm(r, 'fd')} | "
                      f"{_pm(r, 'precision', '.3f')} | {_pm(r, 'recall', '.3f')} | "
                      f"{_pm(r, 'c2st', '.3f')} | {_pm(r, 'c2st_pixels', '.3f')} | "
-                     f"{_pm(r, 'c2st_features', '.3f')} | {r['classes_hit_min']} |")
+                     f"{_pm(r, 'c2st_features', '.3f')} | {r['classes_hit_min']} |"
+                     + (f" {_pm(r, 'zero_frac', '.3f')} | {_pm(r, 'border_lit', '.3f')} |"
+                        if bg else ""))
     lines += ["", "Claims, checked on this run:", ""]
     lines += [f"- {c}" for c in quality_claims(rows) + peer_claims(rows) + latent_claims(rows)
               + reference_claims(rows)]

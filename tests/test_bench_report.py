@@ -75,3 +75,15 @@ def test_latent_and_reference_claims():
     md = report.quality_table(_bench(*[_row("ddgan", "posterior", None, s, 16 + s)
                                        for s in seeds]))
     assert "| ddgan | posterior | 4 | 1.00 ± 0.00 | 17.0 ± 1.0 |" in md
+
+
+def test_background_columns_appear_only_when_the_run_recorded_them():
+    old = report.quality_table(_bench(*[_row("ddgan", "posterior", None, s, 16.0) for s in (0, 1)]))
+    assert "border lit" not in old
+    new = report.quality_table(_bench(*[_row("ddgan", "posterior", None, s, 16.0,
+                                             zero_frac=0.36 + 0.01 * s, border_lit=0.24)
+                                        for s in (0, 1)]))
+    row = [ln for ln in new.splitlines() if ln.startswith("| ddgan")][0]
+    assert row.endswith("| 0.365 ± 0.007 | 0.240 ± 0.000 |"), row
+    header = [ln for ln in new.splitlines() if ln.startswith("| family")][0]
+    assert header.count("|") == row.count("|")
