@@ -553,8 +553,8 @@ def _json_safe(d: dict) -> dict:
 
 
 __all__ = ["Config", "default_config", "Family", "Model", "SAMPLERS",
-           "generator_config", "build_generator", "make_generator", "build_discriminator", "schedule_of",
-           "SamplerGraph", "sampler_part"]
+           "generator_config", "build_generator", "make_generator", "build_discriminator",
+           "schedule_of", "SamplerGraph", "sampler_part", "SkipGenerator"]
 
 
 # ---------------------------------------------------------------------------------------------
