@@ -102,6 +102,15 @@ class SinusoidalFeatures(nn.Module):
             return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)  # (N, dim)
 
 
+def check_fourier_fields(owner: str, count_name: str, count, scale_name: str, scale) -> None:
+    """A config's random-Fourier-feature fields: a count (int >= 0, 0 = off) and a frequency
+    std (positive, finite); one clear ValueError naming the field."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"{owner}.{count_name} = {count!r}; must be an int >= 0")
+    if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+        raise ValueError(f"{owner}.{scale_name} = {scale!r}; must be a positive finite number")
+
+
 class InputFourierFeatures(nn.Module):
     """x (N, d) -> [x, sin(2 pi x B), cos(2 pi x B)] (N, d + 2m), B (d, m) ~ N(0, scale^2) fixed.
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from fastsample.nets.layers import (TIME_EMBEDDINGS, InputFourierFeatures, check_input,
-                                    config_from_dict, time_features, zero_module)
+from fastsample.nets.layers import (TIME_EMBEDDINGS, InputFourierFeatures, check_fourier_fields,
+                                    check_input, config_from_dict, time_features, zero_module)
 
 TIME_MODES = ("concat", "add")
 
@@ -41,11 +41,8 @@ class MLPConfig:
         for name in ("in_dim", "out_dim", "hidden", "num_layers", "time_dim"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"MLPConfig.{name} = {getattr(self, name)}; must be >= 1")
-        if isinstance(self.input_features, bool) or not isinstance(self.input_features, int) \
-                or self.input_features < 0:
-            raise ValueError(f"MLPConfig.input_features = {self.input_features!r}; must be an int >= 0")
-        if not (isinstance(self.input_scale, (int, float)) and 0 < self.input_scale < float("inf")):
-            raise ValueError(f"MLPConfig.input_scale = {self.input_scale!r}; must be a positive finite number")
+        check_fourier_fields("MLPConfig", "input_features", self.input_features, "input_scale",
+                             self.input_scale)
         if self.z_dim < 0:
             raise ValueError(f"MLPConfig.z_dim = {self.z_dim}; must be >= 0 (0 = no z)")
         if self.time_embedding not in TIME_EMBEDDINGS:

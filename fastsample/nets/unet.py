@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 
 from fastsample.nets.layers import (TIME_EMBEDDINGS, AdaGroupNormSiLU, AttnBlock, Downsample,
-                                    config_from_dict,
-                                    MappingMLP, PixelFourierFeatures, ResBlock, TimeEmbedding, Upsample, check_input,
-                                    minibatch_std, zero_module)
+                                    MappingMLP, PixelFourierFeatures, ResBlock, TimeEmbedding,
+                                    Upsample, check_fourier_fields, check_input,
+                                    config_from_dict, minibatch_std, zero_module)
 
 
 def _check_levels(cls_name: str, resolution: int, ch_mult: tuple, base_ch: int, num_groups: int):
@@ -235,13 +235,8 @@ class DiscriminatorConfig:
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
         if self.mbstd_group < 0:
             raise ValueError(f"DiscriminatorConfig.mbstd_group = {self.mbstd_group}; must be >= 0")
-        if isinstance(self.pixel_features, bool) or not isinstance(self.pixel_features, int) \
-                or self.pixel_features < 0:
-            raise ValueError(f"DiscriminatorConfig.pixel_features = {self.pixel_features!r}; "
-                             f"must be an int >= 0")
-        if not (isinstance(self.pixel_scale, (int, float)) and 0 < self.pixel_scale < float("inf")):
-            raise ValueError(f"DiscriminatorConfig.pixel_scale = {self.pixel_scale!r}; must be a "
-                             f"positive finite number")
+        check_fourier_fields("DiscriminatorConfig", "pixel_features", self.pixel_features,
+                             "pixel_scale", self.pixel_scale)
         for name in ("in_ch", "resolution", "base_ch", "num_groups"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"DiscriminatorConfig.{name} = {getattr(self, name)}; must be >= 1")
