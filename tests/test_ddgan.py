@@ -3,6 +3,7 @@ digits), checkpoint round trip, exact resume, the T-mismatch error and the grid2
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -91,6 +92,7 @@ _DIGITS_PRESET = {
     "r1_gamma": 0.02, "lazy_reg": 15, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 1.0, "eval_samples": 1000, "train_steps": 8000, "batch_size": 64,
     "ema_decay": 0.999, "grad_clip": 0.0, "dequantize": True, "skip_sigma_data": 0.0,
+    "div_weight": 0.0, "div_tau": 1.0, "disc_input_max_step": 0,
     "input_features": 0, "input_scale": 1.0, "disc_input_features": 0, "disc_input_scale": 1.0}
 _GRID25_PRESET = {
     "T": 4, "z_dim": 8, "arch": "mlp", "base_ch": 32, "disc_base_ch": 32,
@@ -99,6 +101,7 @@ _GRID25_PRESET = {
     "r1_gamma": 0.005, "lazy_reg": 1, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 3.0, "eval_samples": 1000, "train_steps": 12000, "batch_size": 256,
     "ema_decay": 0.995, "grad_clip": 1.0, "dequantize": True, "skip_sigma_data": 0.0,
+    "div_weight": 0.0, "div_tau": 1.0, "disc_input_max_step": 0,
     "input_features": 64, "input_scale": 2.0, "disc_input_features": 64, "disc_input_scale": 2.0}
 
 
@@ -535,3 +538,51 @@ def test_image_d_pixel_features_follow_each_value_and_validate(small_digits, tmp
         DiscriminatorConfig(pixel_features=2, pixel_scale=0.0)
     with pytest.raises(ValueError, match="pixel_features"):
         DiscriminatorConfig(pixel_features=-1)
+
+
+def test_pixel_features_gated_by_step_reach_only_those_steps(small_digits):
+    """disc_input_max_step = 1: a pair at step 2 gets the same logit as from the same D with the
+    feature channels' input weights zeroed (the features then cannot matter); a pair at step 1
+    does not."""
+    cfg = make_config("ddgan", small_digits, {"disc_input_features": "4", "disc_input_scale": "3",
+                                              "disc_input_max_step": "1", "base_ch": "16",
+                                              "disc_base_ch": "16", "disc_mbstd": "0"})
+    # (no minibatch std: it would mix the rows of the two steps)
+    D = ddgan.build_discriminator(cfg, (1, 8, 8)).eval()
+    blind = copy.deepcopy(D)
+    with torch.no_grad():
+        blind.conv_in.weight[:, 2:] = 0
+    g = torch.Generator().manual_seed(0)
+    x_prev, x_t = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.tensor([2.0, 2.0, 1.0, 1.0])
+    with torch.no_grad():
+        got, want = D(x_prev, x_t, t), blind(x_prev, x_t, t)
+    torch.testing.assert_close(got[:2], want[:2])
+    assert (got[2:] - want[2:]).abs().min() > 1e-4
+    for bad, match in (({"disc_input_max_step": "5"}, "disc_input_max_step"),
+                       ({"disc_input_max_step": "-1"}, "disc_input_max_step")):
+        with pytest.raises(ValueError, match=match):
+            make_config("ddgan", small_digits, {"disc_input_features": "4", **bad})
+    with pytest.raises(ValueError, match="disc_input_features > 0"):
+        make_config("ddgan", small_digits, {"disc_input_max_step": "1"})
+    from fastsample.nets.unet import DiscriminatorConfig
+    with pytest.raises(ValueError, match="pixel_max_t"):
+        DiscriminatorConfig(pixel_features=2, pixel_max_t=-1.0)
+
+
+def test_diversity_ratio_closed_forms_and_the_training_term(toy, tmp_path):
+    """G = a z (z as wide as the data): the ratio is |a| on every row; a G that ignores z: 0.
+    With div_weight > 0 the step logs the clipped mean, which never exceeds div_tau."""
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g)
+    torch.testing.assert_close(ddgan.diversity_ratio(-1.7 * z1, -1.7 * z2, z1, z2),
+                               torch.full((16,), 1.7))
+    c = torch.randn(16, 2, generator=g)
+    assert float(ddgan.diversity_ratio(c, c, z1, z2).abs().max()) == 0.0
+    cfg = dataclasses.replace(ddgan.default_config(toy), div_weight=1.0, div_tau=0.05)
+    log = _train(toy, tmp_path, steps=3, cfg=cfg)
+    assert all(0 <= r["div"] <= 0.05 + 1e-7 for r in log), log
+    for bad in ({"div_weight": -1.0}, {"div_tau": float("nan")},
+                {"div_weight": 1.0, "div_tau": 0.0}):
+        with pytest.raises(ValueError, match="div_"):
+            dataclasses.replace(ddgan.default_config(toy), **bad)

@@ -56,6 +56,8 @@ class Config:
                                     # of (x_{i-1}, x_i); image D: of each pixel value of x_{i-1}
     disc_input_scale: float = 1.0   # ... their frequency std (D must resolve modes of std 0.018,
                                     # or a background band of 0.12 in model space)
+    disc_input_max_step: int = 0    # image D: its pixel features only on pairs at steps
+                                    # i <= this (zeros elsewhere); 0 = every step
     lr_g: float = 1.6e-4            # generator Adam lr (sec. 3)
     lr_d: float = 1.25e-4           # discriminator Adam lr (sec. 3)
     beta1: float = 0.5              # Adam beta1 (sec. 3)
@@ -74,6 +76,9 @@ class Config:
     grad_clip: float = 0.0          # max grad norm per optimiser group (the CLI reads it); 0 = off
     dequantize: bool = True         # images: train on uniformly dequantised grey levels (the CLI
                                     # reads it); False: on the exact levels k/16
+    div_weight: float = 0.0         # > 0: G also maximises div_weight * E min(ratio, div_tau),
+    div_tau: float = 1.0            # ratio = mean|x_0'(z1) - x_0'(z2)| / mean|z1 - z2| for one x_i
+                                    # (diversity-sensitive cGAN loss); 0 = off
     skip_sigma_data: float = 0.0    # > 0: G = c_skip(i) x_i + c_out(i) F (SkipGenerator), with
                                     # this data std; 0 = off (G's net outputs x_0' itself)
 
@@ -110,6 +115,15 @@ class Config:
             if self.batch_size % self.cond_group:
                 raise ValueError(f"ddgan Config.batch_size = {self.batch_size} is not a multiple "
                                  f"of cond_group = {self.cond_group}")
+        if isinstance(self.disc_input_max_step, bool) or not isinstance(self.disc_input_max_step, int) \
+                or not 0 <= self.disc_input_max_step <= self.T:
+            raise ValueError(f"ddgan Config.disc_input_max_step = {self.disc_input_max_step!r}; "
+                             f"must be an int in [0, T = {self.T}] (0 = every step)")
+        if self.disc_input_max_step and (self.arch != "unet" or not self.disc_input_features):
+            raise ValueError(f"ddgan Config.disc_input_max_step = {self.disc_input_max_step} "
+                             f"gates the image D's pixel features: it needs arch 'unet' and "
+                             f"disc_input_features > 0 (got arch {self.arch!r}, "
+                             f"disc_input_features {self.disc_input_features})")
         if not isinstance(self.dequantize, bool):
             raise ValueError(f"ddgan Config.dequantize = {self.dequantize!r}; must be true or false")
         if not self.grad_clip >= 0:
@@ -118,6 +132,13 @@ class Config:
                 < float("inf")):
             raise ValueError(f"ddgan Config.skip_sigma_data = {self.skip_sigma_data!r}; must be "
                              f">= 0 (0 = off)")
+        for name in ("div_weight", "div_tau"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                raise ValueError(f"ddgan Config.{name} = {v!r}; must be a number >= 0")
+        if self.div_weight > 0 and self.div_tau <= 0:
+            raise ValueError(f"ddgan Config.div_tau = {self.div_tau!r}; must be > 0 when "
+                             f"div_weight > 0")
         if not self.r1_gamma >= 0:
             raise ValueError(f"ddgan Config.r1_gamma = {self.r1_gamma!r}; must be >= 0")
         try:  # eps, beta_min/max, t_power: the schedule's own checks, at config time
@@ -242,7 +263,8 @@ def build_discriminator(cfg: Config, data_shape: tuple) -> nn.Module:
                                                  ch_mult=cfg.disc_ch_mult, time_scale=1.0,
                                                  mbstd_group=cfg.disc_mbstd,
                                                  pixel_features=cfg.disc_input_features,
-                                                 pixel_scale=cfg.disc_input_scale))
+                                                 pixel_scale=cfg.disc_input_scale,
+                                                 pixel_max_t=float(cfg.disc_input_max_step)))
     (D,) = data_shape
     # A zero output layer would leave D blind at the start; a GAN wants a live critic from step 1.
     return MLPDiscriminator(MLPConfig(in_dim=2 * D, out_dim=1, hidden=cfg.hidden,
@@ -256,6 +278,13 @@ def _check_arch(cfg: Config, kind: str) -> None:
     want = "unet" if kind == "image" else "mlp"
     if cfg.arch != want:
         raise ValueError(f"ddgan Config.arch = {cfg.arch!r} does not fit {kind} data; use {want!r}")
+
+
+def diversity_ratio(x_a: torch.Tensor, x_b: torch.Tensor, z_a: torch.Tensor,
+                    z_b: torch.Tensor) -> torch.Tensor:
+    """Per row: mean |x_a - x_b| over mean |z_a - z_b|, how far G's output moves per unit of
+    latent (Yang et al. 2019's diversity-sensitive term, L1 on both sides). (N,)"""
+    return (x_a - x_b).abs().flatten(1).mean(1) / (z_a - z_b).abs().mean(1).clamp(min=1e-6)
 
 
 _POSTERIOR_ROWS = 4096   # training rows behind each step's posterior draws (cond_group)
@@ -489,9 +518,19 @@ class Family:
 
         # G step: non-saturating loss against the updated D.
         loss_g = F.softplus(-D(x_fake, x_i, t)).mean()
-        ctx.optimize("gen", loss_g)
+        div = None
+        if c.div_weight > 0:
+            # A conditional G collapses onto one x_0' per x_i (z_usage ~0.5%): D, seeing one pair
+            # per x_i, cannot ask for the posterior's other modes. Rewarding output change per
+            # unit of z change makes ignoring z cost something; the clip at div_tau stops the
+            # reward from outbidding D where the true posterior is narrow.
+            z2 = ctx.randn(N, c.z_dim)
+            div = diversity_ratio(x0_pred, G(x_i, t, z2), z, z2).clamp(max=c.div_tau).mean()
+        ctx.optimize("gen", loss_g if div is None else loss_g - c.div_weight * div)
         out = {"loss_d": loss_d.detach(), "loss_d_real": loss_d_real.detach(),
                "loss_d_fake": loss_d_fake.detach(), "loss_g": loss_g.detach()}
+        if div is not None:
+            out["div"] = div.detach()
         if do_r1:
             out["r1"] = r1.detach()
         return out

@@ -230,6 +230,8 @@ class DiscriminatorConfig:
                                             # consecutive samples (StyleGAN); 0 = off
     pixel_features: int = 0                 # random Fourier features of x_prev's values (0 = off)
     pixel_scale: float = 1.0                # ... their frequency std, cycles per unit of value
+    pixel_max_t: float = 0.0                # > 0: the features only where t <= this (zeros
+                                            # elsewhere); 0 = at every t
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
@@ -237,6 +239,10 @@ class DiscriminatorConfig:
             raise ValueError(f"DiscriminatorConfig.mbstd_group = {self.mbstd_group}; must be >= 0")
         check_fourier_fields("DiscriminatorConfig", "pixel_features", self.pixel_features,
                              "pixel_scale", self.pixel_scale)
+        if not (isinstance(self.pixel_max_t, (int, float)) and not isinstance(self.pixel_max_t, bool)
+                and 0 <= self.pixel_max_t < float("inf")):
+            raise ValueError(f"DiscriminatorConfig.pixel_max_t = {self.pixel_max_t!r}; must be a "
+                             f"number >= 0 (0 = every t)")
         for name in ("in_ch", "resolution", "base_ch", "num_groups"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"DiscriminatorConfig.{name} = {getattr(self, name)}; must be >= 1")
@@ -303,7 +309,12 @@ class Discriminator(nn.Module):
         emb = torch.nn.functional.silu(self.time_emb(t))
         parts = [x_prev, x_t]
         if self.pixel_feats is not None:
-            parts.append(self.pixel_feats(x_prev))
+            feats = self.pixel_feats(x_prev)
+            if cfg.pixel_max_t > 0:
+                # Only the steps that need a grey level resolved see it; the others keep the
+                # raw-value D whose shapes were better (docs/ddgan_tuning.md).
+                feats = feats * (t <= cfg.pixel_max_t).to(feats.dtype)[:, None, None, None]
+            parts.append(feats)
         h = self.blocks(self.conv_in(torch.cat(parts, dim=1)), emb)
         if self.mbstd_conv is not None:
             h = self._mbstd(h)
