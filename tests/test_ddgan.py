@@ -92,7 +92,7 @@ _DIGITS_PRESET = {
     "r1_gamma": 0.02, "lazy_reg": 15, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 1.0, "eval_samples": 1000, "train_steps": 8000, "batch_size": 64,
     "ema_decay": 0.999, "grad_clip": 0.0, "dequantize": True, "skip_sigma_data": 0.0,
-    "div_weight": 0.0, "div_tau": 1.0, "disc_input_max_step": 0,
+    "div_weight": 0.0, "div_tau": 1.0, "disc_input_max_step": 0, "disc_input_levels": 0,
     "input_features": 0, "input_scale": 1.0, "disc_input_features": 0, "disc_input_scale": 1.0}
 _GRID25_PRESET = {
     "T": 4, "z_dim": 8, "arch": "mlp", "base_ch": 32, "disc_base_ch": 32,
@@ -101,7 +101,7 @@ _GRID25_PRESET = {
     "r1_gamma": 0.005, "lazy_reg": 1, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 3.0, "eval_samples": 1000, "train_steps": 12000, "batch_size": 256,
     "ema_decay": 0.995, "grad_clip": 1.0, "dequantize": True, "skip_sigma_data": 0.0,
-    "div_weight": 0.0, "div_tau": 1.0, "disc_input_max_step": 0,
+    "div_weight": 0.0, "div_tau": 1.0, "disc_input_max_step": 0, "disc_input_levels": 0,
     "input_features": 64, "input_scale": 2.0, "disc_input_features": 64, "disc_input_scale": 2.0}
 
 
@@ -586,3 +586,29 @@ def test_diversity_ratio_closed_forms_and_the_training_term(toy, tmp_path):
                 {"div_weight": 1.0, "div_tau": 0.0}):
         with pytest.raises(ValueError, match="div_"):
             dataclasses.replace(ddgan.default_config(toy), **bad)
+
+
+def test_pixel_level_features_count_the_evaluators_grey_level(small_digits):
+    """The number of positive ramps at a value is its grey level under the evaluator's binning
+    (data.images.quantize_digits), at every value not on a boundary; the ramps are monotone,
+    so no two levels look alike (the Fourier lift's aliasing)."""
+    from fastsample.data.images import quantize_digits
+    from fastsample.nets.layers import PixelLevelFeatures
+    f = PixelLevelFeatures(17, 0.5)
+    y = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))   # data space [0, 1)
+    out = f(2 * y - 1)
+    assert out.shape == (3, 16, 8, 8)
+    level = (out > 0).sum(1, keepdim=True).float()
+    torch.testing.assert_close(level / 16, quantize_digits(y))
+    assert bool((out.diff(dim=1) <= 0).all())   # boundaries ascend: each ramp below the last
+    cfg = make_config("ddgan", small_digits, {"disc_input_levels": "17", "disc_input_max_step": "1",
+                                              "base_ch": "16", "disc_base_ch": "16"})
+    assert ddgan.build_discriminator(cfg, (1, 8, 8)).conv_in.in_channels == 2 + 16
+    from fastsample.nets.unet import DiscriminatorConfig
+    for bad, match in (({"pixel_levels": 1}, "pixel_levels"), ({"pixel_levels": -2}, "pixel_levels"),
+                       ({"pixel_levels": 17, "pixel_level_width": 0.0}, "pixel_level_width"),
+                       ({"pixel_levels": 17, "pixel_features": 4}, "set one of them")):
+        with pytest.raises(ValueError, match=match):
+            DiscriminatorConfig(**bad)
+    with pytest.raises(ValueError, match="image D"):
+        dataclasses.replace(ddgan.Config(arch="mlp"), disc_input_levels=17)

@@ -56,6 +56,8 @@ class Config:
                                     # of (x_{i-1}, x_i); image D: of each pixel value of x_{i-1}
     disc_input_scale: float = 1.0   # ... their frequency std (D must resolve modes of std 0.018,
                                     # or a background band of 0.12 in model space)
+    disc_input_levels: int = 0      # image D: tanh ramps of x_{i-1} at the boundaries of this
+                                    # many grey levels (nets.layers.PixelLevelFeatures); 0 = off
     disc_input_max_step: int = 0    # image D: its pixel features only on pairs at steps
                                     # i <= this (zeros elsewhere); 0 = every step
     lr_g: float = 1.6e-4            # generator Adam lr (sec. 3)
@@ -119,11 +121,16 @@ class Config:
                 or not 0 <= self.disc_input_max_step <= self.T:
             raise ValueError(f"ddgan Config.disc_input_max_step = {self.disc_input_max_step!r}; "
                              f"must be an int in [0, T = {self.T}] (0 = every step)")
-        if self.disc_input_max_step and (self.arch != "unet" or not self.disc_input_features):
+        if self.disc_input_max_step and (self.arch != "unet" or not (self.disc_input_features
+                                                                      or self.disc_input_levels)):
             raise ValueError(f"ddgan Config.disc_input_max_step = {self.disc_input_max_step} "
                              f"gates the image D's pixel features: it needs arch 'unet' and "
-                             f"disc_input_features > 0 (got arch {self.arch!r}, "
-                             f"disc_input_features {self.disc_input_features})")
+                             f"disc_input_features > 0 or disc_input_levels > 0 (got arch "
+                             f"{self.arch!r}, disc_input_features {self.disc_input_features}, "
+                             f"disc_input_levels {self.disc_input_levels})")
+        if self.disc_input_levels and self.arch != "unet":
+            raise ValueError(f"ddgan Config.disc_input_levels = {self.disc_input_levels} is for "
+                             f"the image D (arch 'unet'); got arch {self.arch!r}")
         if not isinstance(self.dequantize, bool):
             raise ValueError(f"ddgan Config.dequantize = {self.dequantize!r}; must be true or false")
         if not self.grad_clip >= 0:
@@ -264,6 +271,7 @@ def build_discriminator(cfg: Config, data_shape: tuple) -> nn.Module:
                                                  mbstd_group=cfg.disc_mbstd,
                                                  pixel_features=cfg.disc_input_features,
                                                  pixel_scale=cfg.disc_input_scale,
+                                                 pixel_levels=cfg.disc_input_levels,
                                                  pixel_max_t=float(cfg.disc_input_max_step)))
     (D,) = data_shape
     # A zero output layer would leave D blind at the start; a GAN wants a live critic from step 1.

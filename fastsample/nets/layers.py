@@ -163,6 +163,31 @@ class PixelFourierFeatures(nn.Module):
         return feats.reshape(N, C * 2 * self.b.shape[0], H, W).to(x.dtype)
 
 
+class PixelLevelFeatures(nn.Module):
+    """x (N, C, H, W) in model space [-1, 1] -> tanh((x - c_k) / w) (N, (L - 1) C, H, W), c_k the
+    L - 1 boundaries between L equal grey-level bins of [-1, 1], w = `width` bin widths.
+
+    The non-periodic twin of PixelFourierFeatures: each channel says on which side of one
+    quantisation threshold a value sits, so a critic sees a value cross a grey level without the
+    aliasing of sin / cos (x and x + 1/b look alike to those, and a generator collapsed onto
+    such a blind spot)."""
+
+    def __init__(self, levels: int, width: float):
+        super().__init__()
+        k = torch.arange(1, levels, dtype=torch.float64)
+        self.register_buffer("c", (-1.0 + 2.0 * k / levels).float(), persistent=False)
+        self.w = width * 2.0 / levels
+
+    def channels(self, in_ch: int) -> int:
+        return self.c.shape[0] * in_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, C, H, W = x.shape
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            f = torch.tanh((x.float()[:, :, None] - self.c[None, None, :, None, None]) / self.w)
+        return f.reshape(N, C * self.c.shape[0], H, W).to(x.dtype)
+
+
 def time_features(kind: str, dim: int, fourier_scale: float, time_scale: float) -> nn.Module:
     if kind == "fourier_log":
         return GaussianFourierFeatures(dim, fourier_scale)

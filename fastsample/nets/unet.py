@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from fastsample.nets.layers import (TIME_EMBEDDINGS, AdaGroupNormSiLU, AttnBlock, Downsample,
-                                    MappingMLP, PixelFourierFeatures, ResBlock, TimeEmbedding,
+                                    MappingMLP, PixelFourierFeatures, PixelLevelFeatures, ResBlock, TimeEmbedding,
                                     Upsample, check_fourier_fields, check_input,
                                     config_from_dict, minibatch_std, zero_module)
 
@@ -230,6 +230,9 @@ class DiscriminatorConfig:
                                             # consecutive samples (StyleGAN); 0 = off
     pixel_features: int = 0                 # random Fourier features of x_prev's values (0 = off)
     pixel_scale: float = 1.0                # ... their frequency std, cycles per unit of value
+    pixel_levels: int = 0                   # tanh ramps of x_prev at the boundaries of this
+                                            # many grey levels of [-1, 1] (0 = off)
+    pixel_level_width: float = 0.5          # ... their width, in grey levels
     pixel_max_t: float = 0.0                # > 0: the features only where t <= this (zeros
                                             # elsewhere); 0 = at every t
 
@@ -239,6 +242,17 @@ class DiscriminatorConfig:
             raise ValueError(f"DiscriminatorConfig.mbstd_group = {self.mbstd_group}; must be >= 0")
         check_fourier_fields("DiscriminatorConfig", "pixel_features", self.pixel_features,
                              "pixel_scale", self.pixel_scale)
+        if isinstance(self.pixel_levels, bool) or not isinstance(self.pixel_levels, int) \
+                or self.pixel_levels < 0 or self.pixel_levels == 1:
+            raise ValueError(f"DiscriminatorConfig.pixel_levels = {self.pixel_levels!r}; must be "
+                             f"0 (off) or an int >= 2")
+        if not (isinstance(self.pixel_level_width, (int, float)) and 0 < self.pixel_level_width
+                < float("inf")):
+            raise ValueError(f"DiscriminatorConfig.pixel_level_width = {self.pixel_level_width!r}; "
+                             f"must be a positive finite number")
+        if self.pixel_levels and self.pixel_features:
+            raise ValueError("DiscriminatorConfig: pixel_features and pixel_levels are two lifts "
+                             "of the same values; set one of them")
         if not (isinstance(self.pixel_max_t, (int, float)) and not isinstance(self.pixel_max_t, bool)
                 and 0 <= self.pixel_max_t < float("inf")):
             raise ValueError(f"DiscriminatorConfig.pixel_max_t = {self.pixel_max_t!r}; must be a "
@@ -277,7 +291,9 @@ class Discriminator(nn.Module):
         # x_prev only: its values must be resolved finely (a grey level is 0.12 in model
         # space), x_t's noise need not be.
         self.pixel_feats = (PixelFourierFeatures(cfg.pixel_features, cfg.pixel_scale)
-                            if cfg.pixel_features else None)
+                            if cfg.pixel_features else
+                            PixelLevelFeatures(cfg.pixel_levels, cfg.pixel_level_width)
+                            if cfg.pixel_levels else None)
         extra = self.pixel_feats.channels(cfg.in_ch) if self.pixel_feats is not None else 0
         self.conv_in = nn.Conv2d(2 * cfg.in_ch + extra, cfg.base_ch, 3, padding=1)
         self.blocks = _Blocks()
