@@ -161,7 +161,8 @@ def default_config(data) -> Config:
     per-pair D cannot. With the batch ordered by i, no clip and 8000 steps this took digits FD
     from 63 to 17.7 (one draw). G also gets the diversity-sensitive term (div_weight 1,
     div_tau 0.3): without it G ignored z (z_usage 0.5-0.9% of the posterior's spread per step),
-    with it 81-319% at the same FD (docs/ddgan_tuning.md). 2D points: MLPs, batch 256, higher lrs (at ddgan.md's lrs the
+    with it 81-319% at the same FD (docs/ddgan_tuning.md).
+    2D points: MLPs, batch 256, higher lrs (at ddgan.md's lrs the
     MLP critic learns too slowly and G collapses to a line), the loop's clip at 1, and for
     modes of std 0.018 (grid25, docs/grid25.md): 64 Fourier features of the input at 2
     cycles/unit for G and D (a raw-coordinate D stays at chance), R1 0.005 (0.05 keeps D too

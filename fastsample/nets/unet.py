@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 
 from fastsample.nets.layers import (TIME_EMBEDDINGS, AdaGroupNormSiLU, AttnBlock, Downsample,
-                                    MappingMLP, PixelFourierFeatures, PixelLevelFeatures, ResBlock, TimeEmbedding,
-                                    Upsample, check_fourier_fields, check_input,
-                                    config_from_dict, minibatch_std, zero_module)
+                                    MappingMLP, PixelFourierFeatures, PixelLevelFeatures,
+                                    ResBlock, TimeEmbedding, Upsample, check_fourier_fields,
+                                    check_input, config_from_dict, minibatch_std, zero_module)
 
 
 def _check_levels(cls_name: str, resolution: int, ch_mult: tuple, base_ch: int, num_groups: int):
