@@ -24,25 +24,30 @@ V1_LAYOUT = {
 }
 
 
-def _format1_file(family: str, tmp_path) -> "Path":
-    """A format-1 file of `family`: the released one, or for ddgan (re-released as format 2 on
-    2026-12-07) its last format-1 card (tests/data) over fresh weights of the upgraded
-    config's generator, as the grid25 card test below does."""
-    if family != "ddgan":
-        return released_checkpoint(family)
+def _ddgan_format1_file(card_name: str, folder) -> tuple["Path", ck.CheckpointCard]:
+    """A format-1 DDGAN file from a card kept in tests/data: the card over fresh weights of its
+    upgraded config's generator (the weights are not what these tests read). -> (path, card)."""
     from pathlib import Path
 
     from fastsample.models import ddgan
-    text = (Path(__file__).parent / "data" / "ddgan-digits-format1-card.json").read_text()
+    text = (Path(__file__).parent / "data" / card_name).read_text()
     old = ck.CheckpointCard.from_json(text)
     upgraded = ddgan.upgrade_card(dataclasses.asdict(old))
     cfg = ddgan.Config(**{k: tuple(v) if isinstance(v, list) else v
                           for k, v in upgraded["config"].items()})
     net = ddgan.build_generator(ddgan.generator_config(cfg, tuple(upgraded["data_shape"])))
-    (tmp_path / "format1").mkdir()
-    path = tmp_path / "format1" / "ddgan.safetensors"
+    folder.mkdir(exist_ok=True)
+    path = folder / "ddgan.safetensors"
     ck.save_checkpoint(path, net.state_dict(), old)
-    return path
+    return path, old
+
+
+def _format1_file(family: str, tmp_path) -> "Path":
+    """A format-1 file of `family`: the released one, or for ddgan (re-released as format 2 on
+    2026-12-07) its last format-1 card (tests/data) over fresh weights."""
+    if family != "ddgan":
+        return released_checkpoint(family)
+    return _ddgan_format1_file("ddgan-digits-format1-card.json", tmp_path / "format1")[0]
 
 
 @pytest.mark.parametrize("family", sorted(V1_LAYOUT))
@@ -111,18 +116,8 @@ def test_format1_fields_added_later_get_their_values_of_the_time(tmp_path):
     Config.grad_clip: it trained with the loop's clip of 1.0 (today's default is 0.0, the digits
     recipe's), and its upgraded card says so. Its weights are not needed: fresh ones of the
     upgraded config's generator stand in."""
-    from pathlib import Path
-
-    from fastsample.models import ddgan
-    text = (Path(__file__).parent / "data" / "ddgan-grid25-format1-card.json").read_text()
-    old = ck.CheckpointCard.from_json(text)
+    path, old = _ddgan_format1_file("ddgan-grid25-format1-card.json", tmp_path)
     assert old.format_version == 1 and "grad_clip" not in old.net_config["config"]
-    upgraded = ddgan.upgrade_card(dataclasses.asdict(old))
-    cfg = ddgan.Config(**{k: tuple(v) if isinstance(v, list) else v
-                          for k, v in upgraded["config"].items()})
-    net = ddgan.build_generator(ddgan.generator_config(cfg, (2,)))
-    path = tmp_path / "ddgan.safetensors"
-    ck.save_checkpoint(path, net.state_dict(), old)
     model, card = load_model(path)
     assert card.format_version == 2 and card.config["grad_clip"] == 1.0
     # Fields added since take Config's defaults, which are the behaviour of the time.
