@@ -242,14 +242,12 @@ class DiscriminatorConfig:
             raise ValueError(f"DiscriminatorConfig.mbstd_group = {self.mbstd_group}; must be >= 0")
         check_fourier_fields("DiscriminatorConfig", "pixel_features", self.pixel_features,
                              "pixel_scale", self.pixel_scale)
-        if isinstance(self.pixel_levels, bool) or not isinstance(self.pixel_levels, int) \
-                or self.pixel_levels < 0 or self.pixel_levels == 1:
-            raise ValueError(f"DiscriminatorConfig.pixel_levels = {self.pixel_levels!r}; must be "
-                             f"0 (off) or an int >= 2")
-        if not (isinstance(self.pixel_level_width, (int, float)) and 0 < self.pixel_level_width
-                < float("inf")):
-            raise ValueError(f"DiscriminatorConfig.pixel_level_width = {self.pixel_level_width!r}; "
-                             f"must be a positive finite number")
+        # The same two checks as a Fourier lift's count and scale, and one level alone has no
+        # boundary to ramp at.
+        check_fourier_fields("DiscriminatorConfig", "pixel_levels", self.pixel_levels,
+                             "pixel_level_width", self.pixel_level_width)
+        if self.pixel_levels == 1:
+            raise ValueError("DiscriminatorConfig.pixel_levels = 1; must be 0 (off) or an int >= 2")
         if self.pixel_levels and self.pixel_features:
             raise ValueError("DiscriminatorConfig: pixel_features and pixel_levels are two lifts "
                              "of the same values; set one of them")
