@@ -92,7 +92,7 @@ _DIGITS_PRESET = {
     "r1_gamma": 0.02, "lazy_reg": 15, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 1.0, "eval_samples": 1000, "train_steps": 8000, "batch_size": 64,
     "ema_decay": 0.999, "grad_clip": 0.0, "dequantize": True, "skip_sigma_data": 0.0,
-    "div_weight": 1.0, "div_tau": 0.3, "disc_input_max_step": 0, "disc_input_levels": 0,
+    "div_weight": 1.0, "div_tau": 0.3, "es_weight": 0.0, "disc_input_max_step": 0, "disc_input_levels": 0,
     "input_features": 0, "input_scale": 1.0, "disc_input_features": 0, "disc_input_scale": 1.0}
 _GRID25_PRESET = {
     "T": 4, "z_dim": 8, "arch": "mlp", "base_ch": 32, "disc_base_ch": 32,
@@ -101,7 +101,7 @@ _GRID25_PRESET = {
     "r1_gamma": 0.005, "lazy_reg": 1, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 3.0, "eval_samples": 1000, "train_steps": 12000, "batch_size": 256,
     "ema_decay": 0.995, "grad_clip": 1.0, "dequantize": True, "skip_sigma_data": 0.0,
-    "div_weight": 0.0, "div_tau": 1.0, "disc_input_max_step": 0, "disc_input_levels": 0,
+    "div_weight": 0.0, "div_tau": 1.0, "es_weight": 0.0, "disc_input_max_step": 0, "disc_input_levels": 0,
     "input_features": 64, "input_scale": 2.0, "disc_input_features": 64, "disc_input_scale": 2.0}
 
 
@@ -408,7 +408,7 @@ def test_grouped_reals_are_draws_of_the_exact_denoising_posterior(toy):
     cfg = dataclasses.replace(ddgan.default_config(toy), disc_mbstd=K, cond_group=K,
                               batch_size=K * M)
     fam = ddgan.Family(toy, cfg)
-    x_prev, x_i, i = fam._grouped_real(_Ctx(0), toy.x[:K * M])
+    x_prev, x_i, i, _ = fam._grouped_real(_Ctx(0), toy.x[:K * M])
     assert x_prev.shape == x_i.shape == (K * M, 2) and i.shape == (K * M,)
     mix = grid25().mixture
     tvs, ratios, z_means = [], [], []
@@ -588,6 +588,38 @@ def test_diversity_ratio_closed_forms_and_the_training_term(toy, tmp_path):
                 {"div_weight": 1.0, "div_tau": 0.0}):
         with pytest.raises(ValueError, match="div_"):
             dataclasses.replace(ddgan.default_config(toy), **bad)
+
+
+def test_energy_score_is_the_crps_in_one_dimension_and_proper(toy, tmp_path):
+    """1-D: the two-draw energy score is an unbiased estimate of the CRPS, whose closed form for
+    a Gaussian N(mu, s^2) at y is s (w (2 Phi(w) - 1) + 2 phi(w) - 1 / sqrt(pi)), w = (y - mu) / s.
+    In 4-D its mean over y ~ N(0, I) is lowest for draws of N(0, I) itself: a collapsed G (the
+    posterior mean) and an over-spread one both score worse. In training the step logs the
+    mean, which the triangle inequality keeps >= 0."""
+    g = torch.Generator().manual_seed(0)
+    n, mu, s, y = 400_000, 0.3, 0.7, -0.4
+    a = mu + s * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    b = mu + s * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    es = ddgan.energy_score(a, b, torch.full((n, 1), y, dtype=torch.float64))
+    w = (y - mu) / s
+    nd = torch.distributions.Normal(0.0, 1.0)
+    crps = s * (w * (2 * float(nd.cdf(torch.tensor(w))) - 1)
+                + 2 * math.exp(-w * w / 2) / math.sqrt(2 * math.pi) - 1 / math.sqrt(math.pi))
+    assert abs(float(es.mean()) - crps) < 4 * float(es.std()) / math.sqrt(n), (float(es.mean()), crps)
+
+    n = 50_000
+    y = torch.randn(n, 4, generator=g)
+    draw = lambda scale: scale * torch.randn(n, 4, generator=g)
+    score = {k: float(ddgan.energy_score(draw(k), draw(k), y).mean()) for k in (0.0, 1.0, 2.0)}
+    assert score[1.0] < score[0.0] - 0.05 and score[1.0] < score[2.0] - 0.05, score
+    x = torch.randn(3, 1, 2, 2, generator=g)
+    assert float(ddgan.energy_score(x, x, x).abs().max()) < 1e-5
+
+    cfg = dataclasses.replace(ddgan.default_config(toy), es_weight=0.5)
+    log = _train(toy, tmp_path, steps=3, cfg=cfg)
+    assert all(math.isfinite(r["es"]) and r["es"] >= -1e-5 for r in log), log
+    with pytest.raises(ValueError, match="es_weight"):
+        dataclasses.replace(ddgan.default_config(toy), es_weight=-0.1)
 
 
 def test_pixel_level_features_count_the_evaluators_grey_level(small_digits):

@@ -81,6 +81,9 @@ class Config:
     div_weight: float = 0.0         # > 0: G also maximises div_weight * E min(ratio, div_tau),
     div_tau: float = 1.0            # ratio = mean|x_0'(z1) - x_0'(z2)| / mean|z1 - z2| for one x_i
                                     # (diversity-sensitive cGAN loss); 0 = off
+    es_weight: float = 0.0          # > 0: G also minimises es_weight * the energy score of its
+                                    # x_0' draws against the real x_0 behind x_i (energy_score);
+                                    # 0 = off
     skip_sigma_data: float = 0.0    # > 0: G = c_skip(i) x_i + c_out(i) F (SkipGenerator), with
                                     # this data std; 0 = off (G's net outputs x_0' itself)
 
@@ -139,7 +142,7 @@ class Config:
                 < float("inf")):
             raise ValueError(f"ddgan Config.skip_sigma_data = {self.skip_sigma_data!r}; must be "
                              f">= 0 (0 = off)")
-        for name in ("div_weight", "div_tau"):
+        for name in ("div_weight", "div_tau", "es_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
                 raise ValueError(f"ddgan Config.{name} = {v!r}; must be a number >= 0")
@@ -296,6 +299,18 @@ def diversity_ratio(x_a: torch.Tensor, x_b: torch.Tensor, z_a: torch.Tensor,
     """Per row: mean |x_a - x_b| over mean |z_a - z_b|, how far G's output moves per unit of
     latent (Yang et al. 2019's diversity-sensitive term, L1 on both sides). (N,)"""
     return (x_a - x_b).abs().flatten(1).mean(1) / (z_a - z_b).abs().mean(1).clamp(min=1e-6)
+
+
+def energy_score(x_a: torch.Tensor, x_b: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Per row: the energy score of the two-draw distribution {x_a, x_b} at the outcome x0,
+    0.5 (|x_a - x0| + |x_b - x0|) - 0.5 |x_a - x_b|, |.| the RMS over a row's entries. A strictly
+    proper scoring rule (Gneiting & Raftery 2007): its expectation over x0 ~ p is minimised only
+    when x_a, x_b are independent draws of p, so it asks G for the posterior p(x_0 | x_i) itself,
+    its spread included, where a regression loss would ask for the posterior's mean. (N,)"""
+    def rms(d: torch.Tensor) -> torch.Tensor:
+        # The epsilon keeps the gradient finite where two draws coincide (a collapsed G).
+        return (d.flatten(1).pow(2).mean(1) + 1e-12).sqrt()
+    return 0.5 * (rms(x_a - x0) + rms(x_b - x0)) - 0.5 * rms(x_a - x_b)
 
 
 _POSTERIOR_ROWS = 4096   # training rows behind each step's posterior draws (cond_group)
@@ -457,7 +472,7 @@ class Family:
         training set (its row x_0 by Bayes' rule, then q(x_{i-1} | x_i, x_0)). Each row is still
         a draw of the real pair's distribution, but D's minibatch std of a group now measures
         the spread of p(x_{i-1} | x_i), which a G that ignores z cannot show; the fake groups
-        share the same x_i."""
+        share the same x_i. Also returns each row's x_0 (a draw of p(x_0 | x_i) too)."""
         K, N = self.cfg.cond_group, x0.shape[0]
         if N % K:
             raise ValueError(f"ddgan: the batch on this process ({N}) is not a multiple of "
@@ -479,7 +494,8 @@ class Family:
         prev_k = (c(self._c0) * x0_k + c(self._c1) * xi_a[:, None]
                   + c(self._sigma_post) * ctx.randn(M, K - 1, *x0.shape[1:]))
         x_prev = torch.cat([prev_a[:, None], prev_k], dim=1).flatten(0, 1)
-        return x_prev, xi_a.repeat_interleave(K, dim=0), i_g.repeat_interleave(K)
+        x0_rows = torch.cat([x0[:M, None], x0_k], dim=1).flatten(0, 1)
+        return x_prev, xi_a.repeat_interleave(K, dim=0), i_g.repeat_interleave(K), x0_rows
 
     def step(self, ctx, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.gan_step(ctx, to_model(batch, self.kind))
@@ -492,7 +508,7 @@ class Family:
         G, D = ctx.m("generator"), ctx.m("discriminator")
 
         if c.cond_group:
-            x_prev, x_i, i = self._grouped_real(ctx, x0)
+            x_prev, x_i, i, x0 = self._grouped_real(ctx, x0)
         else:
             # Real pair: x_{i-1} ~ q(x_{i-1} | x_0), x_i ~ q(x_i | x_{i-1}), i uniform in 1..T.
             i = ctx.randint(c.T, N).cpu() + 1
@@ -529,19 +545,32 @@ class Family:
 
         # G step: non-saturating loss against the updated D.
         loss_g = F.softplus(-D(x_fake, x_i, t)).mean()
-        div = None
+        div = es = None
+        total_g = loss_g
+        if c.div_weight > 0 or c.es_weight > 0:
+            z2 = ctx.randn(N, c.z_dim)
+            x0_pred2 = G(x_i, t, z2)
         if c.div_weight > 0:
             # A conditional G collapses onto one x_0' per x_i (z_usage ~0.5%): D, seeing one pair
             # per x_i, cannot ask for the posterior's other modes. Rewarding output change per
             # unit of z change makes ignoring z cost something; the clip at div_tau stops the
             # reward from outbidding D where the true posterior is narrow.
-            z2 = ctx.randn(N, c.z_dim)
-            div = diversity_ratio(x0_pred, G(x_i, t, z2), z, z2).clamp(max=c.div_tau).mean()
-        ctx.optimize("gen", loss_g if div is None else loss_g - c.div_weight * div)
+            div = diversity_ratio(x0_pred, x0_pred2, z, z2).clamp(max=c.div_tau).mean()
+            total_g = total_g - c.div_weight * div
+        if c.es_weight > 0:
+            # D's gradient is all a GAN's G hears, and a D smooth in each value cannot see a
+            # pixel one grey level off (or a point 1/40 of the grid's spacing off a mode). The
+            # real x_0 behind x_i is a draw of p(x_0 | x_i), so a proper score of G's draws at
+            # it supervises every value directly without pulling G to the posterior's mean.
+            es = energy_score(x0_pred, x0_pred2, x0).mean()
+            total_g = total_g + c.es_weight * es
+        ctx.optimize("gen", total_g)
         out = {"loss_d": loss_d.detach(), "loss_d_real": loss_d_real.detach(),
                "loss_d_fake": loss_d_fake.detach(), "loss_g": loss_g.detach()}
         if div is not None:
             out["div"] = div.detach()
+        if es is not None:
+            out["es"] = es.detach()
         if do_r1:
             out["r1"] = r1.detach()
         return out
