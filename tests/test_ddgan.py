@@ -92,7 +92,7 @@ _DIGITS_PRESET = {
     "r1_gamma": 0.02, "lazy_reg": 15, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 1.0, "eval_samples": 1000, "train_steps": 8000, "batch_size": 64,
     "ema_decay": 0.999, "grad_clip": 0.0, "dequantize": True, "skip_sigma_data": 0.0,
-    "div_weight": 1.0, "div_tau": 0.3, "es_weight": 0.0, "disc_input_max_step": 0, "disc_input_levels": 0,
+    "div_weight": 1.0, "div_tau": 0.3, "es_weight": 0.0, "es_beta": 1.0, "disc_input_max_step": 0, "disc_input_levels": 0,
     "input_features": 0, "input_scale": 1.0, "disc_input_features": 0, "disc_input_scale": 1.0}
 _GRID25_PRESET = {
     "T": 4, "z_dim": 8, "arch": "mlp", "base_ch": 32, "disc_base_ch": 32,
@@ -101,7 +101,7 @@ _GRID25_PRESET = {
     "r1_gamma": 0.005, "lazy_reg": 1, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 3.0, "eval_samples": 1000, "train_steps": 12000, "batch_size": 256,
     "ema_decay": 0.995, "grad_clip": 1.0, "dequantize": True, "skip_sigma_data": 0.0,
-    "div_weight": 0.0, "div_tau": 1.0, "es_weight": 0.0, "disc_input_max_step": 0, "disc_input_levels": 0,
+    "div_weight": 0.0, "div_tau": 1.0, "es_weight": 0.0, "es_beta": 1.0, "disc_input_max_step": 0, "disc_input_levels": 0,
     "input_features": 64, "input_scale": 2.0, "disc_input_features": 64, "disc_input_scale": 2.0}
 
 
@@ -591,7 +591,7 @@ def test_diversity_ratio_closed_forms_and_the_training_term(toy, tmp_path):
 
 
 def test_energy_score_is_the_crps_in_one_dimension_and_proper(toy, tmp_path):
-    """1-D: the two-draw energy score is an unbiased estimate of the CRPS, whose closed form for
+    """1-D: the two-draw energy score (beta 1) is an unbiased estimate of the CRPS, whose closed form for
     a Gaussian N(mu, s^2) at y is s (w (2 Phi(w) - 1) + 2 phi(w) - 1 / sqrt(pi)), w = (y - mu) / s.
     In 4-D its mean over y ~ N(0, I) is lowest for draws of N(0, I) itself: a collapsed G (the
     posterior mean) and an over-spread one both score worse. In training the step logs the
@@ -615,11 +615,25 @@ def test_energy_score_is_the_crps_in_one_dimension_and_proper(toy, tmp_path):
     x = torch.randn(3, 1, 2, 2, generator=g)
     assert float(ddgan.energy_score(x, x, x).abs().max()) < 1e-5
 
-    cfg = dataclasses.replace(ddgan.default_config(toy), es_weight=0.5)
+    # Any beta, 1-D, X ~ N(0, s^2), y ~ N(0, 1): E|X - y|^b - E|X - X'|^b / 2 = c ((s^2 + 1)^(b/2)
+    # - (2 s^2)^(b/2) / 2), c = 2^(b/2) Gamma((b + 1) / 2) / sqrt(pi), least at s = 1.
+    n, beta = 400_000, 1.8
+    c = 2 ** (beta / 2) * math.gamma((beta + 1) / 2) / math.sqrt(math.pi)
+    y = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    for sd in (0.5, 1.0):
+        a, b = (sd * torch.randn(n, 1, generator=g, dtype=torch.float64) for _ in range(2))
+        es = ddgan.energy_score(a, b, y, beta)
+        exact = c * ((sd * sd + 1) ** (beta / 2) - 0.5 * (2 * sd * sd) ** (beta / 2))
+        assert abs(float(es.mean()) - exact) < 4 * float(es.std()) / math.sqrt(n), (sd, float(es.mean()), exact)
+
+    cfg = dataclasses.replace(ddgan.default_config(toy), es_weight=0.5, es_beta=1.5)
     log = _train(toy, tmp_path, steps=3, cfg=cfg)
     assert all(math.isfinite(r["es"]) and r["es"] >= -1e-5 for r in log), log
     with pytest.raises(ValueError, match="es_weight"):
         dataclasses.replace(ddgan.default_config(toy), es_weight=-0.1)
+    for bad in (0.0, 2.0, float("nan"), True):
+        with pytest.raises(ValueError, match="es_beta"):
+            dataclasses.replace(ddgan.default_config(toy), es_beta=bad)
 
 
 def test_pixel_level_features_count_the_evaluators_grey_level(small_digits):

@@ -84,6 +84,7 @@ class Config:
     es_weight: float = 0.0          # > 0: G also minimises es_weight * the energy score of its
                                     # x_0' draws against the real x_0 behind x_i (energy_score);
                                     # 0 = off
+    es_beta: float = 1.0            # ... the score's exponent, in (0, 2)
     skip_sigma_data: float = 0.0    # > 0: G = c_skip(i) x_i + c_out(i) F (SkipGenerator), with
                                     # this data std; 0 = off (G's net outputs x_0' itself)
 
@@ -146,6 +147,10 @@ class Config:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
                 raise ValueError(f"ddgan Config.{name} = {v!r}; must be a number >= 0")
+        if not (isinstance(self.es_beta, (int, float)) and not isinstance(self.es_beta, bool)
+                and 0 < self.es_beta < 2):
+            raise ValueError(f"ddgan Config.es_beta = {self.es_beta!r}; must be in (0, 2) (the "
+                             f"energy score is strictly proper only there)")
         if self.div_weight > 0 and self.div_tau <= 0:
             raise ValueError(f"ddgan Config.div_tau = {self.div_tau!r}; must be > 0 when "
                              f"div_weight > 0")
@@ -301,16 +306,19 @@ def diversity_ratio(x_a: torch.Tensor, x_b: torch.Tensor, z_a: torch.Tensor,
     return (x_a - x_b).abs().flatten(1).mean(1) / (z_a - z_b).abs().mean(1).clamp(min=1e-6)
 
 
-def energy_score(x_a: torch.Tensor, x_b: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+def energy_score(x_a: torch.Tensor, x_b: torch.Tensor, x0: torch.Tensor,
+                 beta: float = 1.0) -> torch.Tensor:
     """Per row: the energy score of the two-draw distribution {x_a, x_b} at the outcome x0,
-    0.5 (|x_a - x0| + |x_b - x0|) - 0.5 |x_a - x_b|, |.| the RMS over a row's entries. A strictly
-    proper scoring rule (Gneiting & Raftery 2007): its expectation over x0 ~ p is minimised only
-    when x_a, x_b are independent draws of p, so it asks G for the posterior p(x_0 | x_i) itself,
-    its spread included, where a regression loss would ask for the posterior's mean. (N,)"""
-    def rms(d: torch.Tensor) -> torch.Tensor:
+    0.5 (|x_a - x0|^beta + |x_b - x0|^beta) - 0.5 |x_a - x_b|^beta, |.| the RMS over a row's
+    entries. Strictly proper for 0 < beta < 2 (Gneiting & Raftery 2007): its expectation over
+    x0 ~ p is minimised only when x_a, x_b are independent draws of p, so it asks G for the
+    posterior p(x_0 | x_i) itself, its spread included, where a regression loss would ask for
+    the posterior's mean. Its pull on a draw has length ~|error|^(beta - 1): constant at beta 1,
+    fading near the target as beta nears 2. (N,)"""
+    def dist(d: torch.Tensor) -> torch.Tensor:
         # The epsilon keeps the gradient finite where two draws coincide (a collapsed G).
-        return (d.flatten(1).pow(2).mean(1) + 1e-12).sqrt()
-    return 0.5 * (rms(x_a - x0) + rms(x_b - x0)) - 0.5 * rms(x_a - x_b)
+        return (d.flatten(1).pow(2).mean(1) + 1e-12).pow(beta / 2)
+    return 0.5 * (dist(x_a - x0) + dist(x_b - x0)) - 0.5 * dist(x_a - x_b)
 
 
 _POSTERIOR_ROWS = 4096   # training rows behind each step's posterior draws (cond_group)
@@ -562,7 +570,7 @@ class Family:
             # pixel one grey level off (or a point 1/40 of the grid's spacing off a mode). The
             # real x_0 behind x_i is a draw of p(x_0 | x_i), so a proper score of G's draws at
             # it supervises every value directly without pulling G to the posterior's mean.
-            es = energy_score(x0_pred, x0_pred2, x0).mean()
+            es = energy_score(x0_pred, x0_pred2, x0, c.es_beta).mean()
             total_g = total_g + c.es_weight * es
         ctx.optimize("gen", total_g)
         out = {"loss_d": loss_d.detach(), "loss_d_real": loss_d_real.detach(),
