@@ -92,7 +92,7 @@ _DIGITS_PRESET = {
     "r1_gamma": 0.02, "lazy_reg": 15, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 1.0, "eval_samples": 1000, "train_steps": 8000, "batch_size": 64,
     "ema_decay": 0.999, "grad_clip": 0.0, "dequantize": True, "skip_sigma_data": 0.0,
-    "div_weight": 1.0, "div_tau": 0.3, "es_weight": 0.0, "es_beta": 1.0, "disc_input_max_step": 0, "disc_input_levels": 0,
+    "div_weight": 1.0, "div_tau": 0.3, "es_weight": 0.0, "es_beta": 1.0, "tex_weight": 0.0, "tex_levels": 17, "tex_max_step": 1, "disc_input_max_step": 0, "disc_input_levels": 0,
     "input_features": 0, "input_scale": 1.0, "disc_input_features": 0, "disc_input_scale": 1.0}
 _GRID25_PRESET = {
     "T": 4, "z_dim": 8, "arch": "mlp", "base_ch": 32, "disc_base_ch": 32,
@@ -101,7 +101,7 @@ _GRID25_PRESET = {
     "r1_gamma": 0.005, "lazy_reg": 1, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 3.0, "eval_samples": 1000, "train_steps": 12000, "batch_size": 256,
     "ema_decay": 0.995, "grad_clip": 1.0, "dequantize": True, "skip_sigma_data": 0.0,
-    "div_weight": 0.0, "div_tau": 1.0, "es_weight": 0.0, "es_beta": 1.0, "disc_input_max_step": 0, "disc_input_levels": 0,
+    "div_weight": 0.0, "div_tau": 1.0, "es_weight": 0.0, "es_beta": 1.0, "tex_weight": 0.0, "tex_levels": 17, "tex_max_step": 1, "disc_input_max_step": 0, "disc_input_levels": 0,
     "input_features": 64, "input_scale": 2.0, "disc_input_features": 64, "disc_input_scale": 2.0}
 
 
@@ -634,6 +634,57 @@ def test_energy_score_is_the_crps_in_one_dimension_and_proper(toy, tmp_path):
     for bad in (0.0, 2.0, float("nan"), True):
         with pytest.raises(ValueError, match="es_beta"):
             dataclasses.replace(ddgan.default_config(toy), es_beta=bad)
+
+
+def test_texture_critic_is_local_and_trains_beside_d(small_digits, tmp_path):
+    """The critic's logit at a pixel depends only on the 5 x 5 patch around it (two 3 x 3 convs);
+    a run with tex_weight > 0 trains it (its own optimiser, logged losses), saves it in the
+    resumable state and resumes exactly; bad settings are refused at config time."""
+    torch.manual_seed(0)
+    critic = ddgan.TextureCritic(1, 17)
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    y = x.clone()
+    y[:, :, 1, 6] = -y[:, :, 1, 6]
+    changed = (critic(x) - critic(y)).abs().amax(0) > 0
+    rows, cols = torch.nonzero(changed, as_tuple=True)
+    assert changed[1, 6] and int(rows.min()) >= 0 and int(rows.max()) <= 3
+    assert int(cols.min()) >= 4 and int(cols.max()) <= 7
+    with pytest.raises(ValueError, match="TextureCritic"):
+        critic(torch.zeros(8, 8))
+
+    cfg = dataclasses.replace(ddgan.default_config(small_digits), base_ch=16, disc_base_ch=16,
+                              div_weight=0.0, tex_weight=0.5, tex_max_step=2)
+    log = _train(small_digits, tmp_path / "a", steps=4, cfg=cfg, ckpt_every=2)
+    assert all(math.isfinite(r["loss_tex"]) and r["loss_tex"] > 0 and math.isfinite(r["loss_g_tex"])
+               for r in log), log
+    state = torch.load(tmp_path / "a" / "ddgan.state.pt", weights_only=False)
+    assert "texture" in state["modules"] and "tex" in state["optimizers"]
+    # Killed after step 2's checkpoint and resumed with the same settings: the same weights,
+    # the critic's included, as the straight run.
+    def interrupted(draw):
+        calls = []
+
+        def batch(n, g):
+            calls.append(n)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return draw(n, g)
+        return batch
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(small_digits, tmp_path / "b", steps=4, cfg=cfg, ckpt_every=2, batches=interrupted)
+    _train(small_digits, tmp_path / "b", steps=4, cfg=cfg, ckpt_every=2, resume=True)
+    sb = torch.load(tmp_path / "b" / "ddgan.state.pt", weights_only=False)["modules"]
+    for name in ("generator", "texture"):
+        for k in state["modules"][name]:
+            assert torch.equal(state["modules"][name][k], sb[name][k]), (name, k)
+
+    for bad, match in (({"tex_weight": -1.0}, "tex_weight"), ({"tex_max_step": 0}, "tex_max_step"),
+                       ({"tex_max_step": 5}, "tex_max_step"), ({"tex_levels": 1}, "tex_levels")):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(ddgan.default_config(small_digits), **bad)
+    with pytest.raises(ValueError, match="tex_weight"):
+        ddgan.Config(arch="mlp", tex_weight=0.1)
 
 
 def test_pixel_level_features_count_the_evaluators_grey_level(small_digits):

@@ -23,7 +23,7 @@ from torch import nn
 from fastsample.nets import (Discriminator, DiscriminatorConfig, MLPConfig, TimeMLP, UNet,
                              UNetConfig)
 from fastsample import metrics
-from fastsample.nets.layers import minibatch_std
+from fastsample.nets.layers import PixelLevelFeatures, minibatch_std
 from fastsample.sde import ddgan_schedule
 from fastsample.models.registry import ExportPart, IOTensor, card_dict
 from fastsample.samplers import plan as plans
@@ -85,6 +85,11 @@ class Config:
                                     # x_0' draws against the real x_0 behind x_i (energy_score);
                                     # 0 = off
     es_beta: float = 1.0            # ... the score's exponent, in (0, 2)
+    tex_weight: float = 0.0         # > 0: a second, local critic (TextureCritic: a patch critic
+                                    # on the grey levels of x_{i-1}) at steps i <= tex_max_step,
+                                    # its G loss weighted by this; 0 = off (images only)
+    tex_levels: int = 17            # ... the grey levels it sees (PixelLevelFeatures)
+    tex_max_step: int = 1           # ... the steps it judges
     skip_sigma_data: float = 0.0    # > 0: G = c_skip(i) x_i + c_out(i) F (SkipGenerator), with
                                     # this data std; 0 = off (G's net outputs x_0' itself)
 
@@ -147,6 +152,19 @@ class Config:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
                 raise ValueError(f"ddgan Config.{name} = {v!r}; must be a number >= 0")
+        if isinstance(self.tex_weight, bool) or not isinstance(self.tex_weight, (int, float)) \
+                or not 0 <= self.tex_weight < float("inf"):
+            raise ValueError(f"ddgan Config.tex_weight = {self.tex_weight!r}; must be a number >= 0")
+        if isinstance(self.tex_levels, bool) or not isinstance(self.tex_levels, int) \
+                or self.tex_levels < 2:
+            raise ValueError(f"ddgan Config.tex_levels = {self.tex_levels!r}; must be an int >= 2")
+        if isinstance(self.tex_max_step, bool) or not isinstance(self.tex_max_step, int) \
+                or not 1 <= self.tex_max_step <= self.T:
+            raise ValueError(f"ddgan Config.tex_max_step = {self.tex_max_step!r}; must be an int "
+                             f"in [1, T = {self.T}]")
+        if self.tex_weight > 0 and self.arch != "unet":
+            raise ValueError(f"ddgan Config.tex_weight = {self.tex_weight} is for images (arch "
+                             f"'unet'); got arch {self.arch!r}")
         if not (isinstance(self.es_beta, (int, float)) and not isinstance(self.es_beta, bool)
                 and 0 < self.es_beta < 2):
             raise ValueError(f"ddgan Config.es_beta = {self.es_beta!r}; must be in (0, 2) (the "
@@ -291,6 +309,28 @@ def build_discriminator(cfg: Config, data_shape: tuple) -> nn.Module:
                                       time_scale=1.0, zero_init_out=False,
                                       input_features=cfg.disc_input_features,
                                       input_scale=cfg.disc_input_scale), cfg.disc_mbstd)
+
+
+class TextureCritic(nn.Module):
+    """x (N, C, H, W) in model space -> per-pixel logits (N, H, W): a patch critic (5 x 5
+    receptive field) on the grey-level ramps of x (PixelLevelFeatures, half a level wide).
+
+    The main D sees raw values and is smooth in each; it cannot tell a background pixel one grey
+    level off, and lifting its own input to grey levels cost the digits their shapes (FD 16 ->
+    123, docs/ddgan_tuning.md). This critic sees only local grey-level texture, has its own
+    loss, and its pull on G is weighted apart (tex_weight), so the two views do not compete
+    for one D's capacity."""
+
+    def __init__(self, in_ch: int, levels: int, ch: int = 32):
+        super().__init__()
+        self.levels = PixelLevelFeatures(levels, 0.5)
+        self.net = nn.Sequential(nn.Conv2d(self.levels.channels(in_ch), ch, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(ch, ch, 3, padding=1), nn.SiLU(), nn.Conv2d(ch, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"TextureCritic: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+        return self.net(self.levels(x))[:, 0]
 
 
 def _check_arch(cfg: Config, kind: str) -> None:
@@ -441,8 +481,11 @@ class Family:
         self._sigma_post = torch.sqrt(sch.sigma2_post.clamp(min=0)).float()
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"generator": make_generator(self.cfg, self.data_shape),
+        mods = {"generator": make_generator(self.cfg, self.data_shape),
                 "discriminator": build_discriminator(self.cfg, self.data_shape)}
+        if self.cfg.tex_weight > 0:
+            mods["texture"] = TextureCritic(self.data_shape[0], self.cfg.tex_levels)
+        return mods
 
     def optimizers(self, modules):
         c = self.cfg
@@ -451,6 +494,9 @@ class Family:
                                          betas=(c.beta1, c.beta2)),
                 "gen": torch.optim.Adam(modules["generator"].parameters(), lr=c.lr_g,
                                         betas=(c.beta1, c.beta2))}
+        if "texture" in modules:
+            self._opts["tex"] = torch.optim.Adam(modules["texture"].parameters(), lr=c.lr_d,
+                                                 betas=(c.beta1, c.beta2))
         return self._opts
 
     def _coef(self, table: torch.Tensor, i: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -463,8 +509,8 @@ class Family:
         total = ctx.total_steps
         frac = min(ctx.step - 1, total) / total
         scale = c.lr_min_frac + (1 - c.lr_min_frac) * 0.5 * (1 + math.cos(math.pi * frac))
-        for name, lr in (("disc", c.lr_d), ("gen", c.lr_g)):
-            for g in self._opts[name].param_groups:
+        for name, lr in (("disc", c.lr_d), ("gen", c.lr_g), ("tex", c.lr_d)):
+            for g in (self._opts[name].param_groups if name in self._opts else ()):
                 g["lr"] = lr * scale
 
     def _real_pair(self, ctx, x0: torch.Tensor, i: torch.Tensor):
@@ -551,10 +597,24 @@ class Family:
             loss_d = loss_d + 0.5 * c.r1_gamma * c.lazy_reg * r1
         ctx.optimize("disc", loss_d)
 
+        loss_tex = None
+        if c.tex_weight > 0:
+            # Every row goes through the (small) critic and a mask keeps the judged steps, so
+            # each process runs the same graph whatever its draw of i (DDP).
+            Dt = ctx.m("texture")
+            w_tex = (i <= c.tex_max_step).to(device=x0.device, dtype=x0.dtype)
+            w_tex = w_tex / w_tex.sum().clamp(min=1)
+            lt = Dt(torch.cat([x_prev.detach(), x_fake.detach()])).flatten(1).float()
+            loss_tex = ((F.softplus(-lt[:N]).mean(1) + F.softplus(lt[N:]).mean(1)) * w_tex).sum()
+            ctx.optimize("tex", loss_tex)
+
         # G step: non-saturating loss against the updated D.
         loss_g = F.softplus(-D(x_fake, x_i, t)).mean()
         div = es = None
         total_g = loss_g
+        if loss_tex is not None:
+            tex_g = (F.softplus(-Dt(x_fake).flatten(1).float()).mean(1) * w_tex).sum()
+            total_g = total_g + c.tex_weight * tex_g
         if c.div_weight > 0 or c.es_weight > 0:
             z2 = ctx.randn(N, c.z_dim)
             x0_pred2 = G(x_i, t, z2)
@@ -579,6 +639,9 @@ class Family:
             out["div"] = div.detach()
         if es is not None:
             out["es"] = es.detach()
+        if loss_tex is not None:
+            out["loss_tex"] = loss_tex.detach()
+            out["loss_g_tex"] = tex_g.detach()
         if do_r1:
             out["r1"] = r1.detach()
         return out
