@@ -92,7 +92,7 @@ _DIGITS_PRESET = {
     "r1_gamma": 0.02, "lazy_reg": 15, "eps": 0.001, "beta_min": 0.1, "beta_max": 20.0,
     "t_power": 1.0, "eval_samples": 1000, "train_steps": 8000, "batch_size": 64,
     "ema_decay": 0.999, "grad_clip": 0.0, "dequantize": True, "skip_sigma_data": 0.0,
-    "div_weight": 1.0, "div_tau": 0.3, "es_weight": 0.0, "es_beta": 1.0, "tex_weight": 0.0, "tex_levels": 17, "tex_max_step": 1, "disc_input_max_step": 0, "disc_input_levels": 0,
+    "div_weight": 0.0, "div_tau": 1.0, "es_weight": 5.0, "es_beta": 1.0, "tex_weight": 0.0, "tex_levels": 17, "tex_max_step": 1, "disc_input_max_step": 0, "disc_input_levels": 0,
     "input_features": 0, "input_scale": 1.0, "disc_input_features": 0, "disc_input_scale": 1.0}
 _GRID25_PRESET = {
     "T": 4, "z_dim": 8, "arch": "mlp", "base_ch": 32, "disc_base_ch": 32,
@@ -111,10 +111,10 @@ def test_presets_are_unchanged_and_config_defaults_are_the_image_preset(toy, dig
     assert dataclasses.asdict(ddgan.default_config(toy)) == _GRID25_PRESET
     assert ddgan.default_config(toy) == ddgan.Config(**_GRID25_PRESET)
     # The dataclass defaults are the image preset but for D's minibatch-std feature (off unless
-    # asked for: the 2D MLP critic has none) and G's diversity term (off, so that the latent
+    # asked for: the 2D MLP critic has none) and G's energy-score term (off, so that the latent
     # DDGAN, whose Config inherits these defaults, keeps the recipe it was released with).
     assert ddgan.default_config(digits) == dataclasses.replace(ddgan.Config(), disc_mbstd=4,
-                                                               div_weight=1.0, div_tau=0.3)
+                                                               es_weight=5.0)
 
 
 def test_cli_takes_grad_clip_from_the_family_config(capsys):

@@ -185,9 +185,11 @@ def default_config(data) -> Config:
     Adam betas, no gradient clipping, batch 64, 8000 steps) plus a conv D with a minibatch-std
     feature in groups of 4, which lets D see the class mix of a batch at the noisy steps where a
     per-pair D cannot. With the batch ordered by i, no clip and 8000 steps this took digits FD
-    from 63 to 17.7 (one draw). G also gets the diversity-sensitive term (div_weight 1,
-    div_tau 0.3): without it G ignored z (z_usage 0.5-0.9% of the posterior's spread per step),
-    with it 81-319% at the same FD (docs/ddgan_tuning.md).
+    from 63 to 17.7 (one draw). G is also scored on the real x_0 behind x_i by the energy score
+    (es_weight 5), a proper scoring rule: without a z term G ignored z (z_usage 0.5-0.9% of the
+    posterior's spread per step); the diversity term (div_weight 1) made it use z but
+    over-spread the noisy steps (81-319%); the energy score gives 96-131% with G's mean 1.3-6x
+    nearer the posterior's and recall 0.74 -> 0.77 (docs/ddgan_tuning.md).
     2D points: MLPs, batch 256, higher lrs (at ddgan.md's lrs the
     MLP critic learns too slowly and G collapses to a line), the loop's clip at 1, and for
     modes of std 0.018 (grid25, docs/grid25.md): 64 Fourier features of the input at 2
@@ -196,7 +198,7 @@ def default_config(data) -> Config:
     alpha_bar 0.996) and 12000 steps: 2.4% -> 65% of samples within 3 std of a mode.
     What was tried and measured, and not kept: docs/ddgan_tuning.md."""
     if data.kind == "image":
-        return Config(arch="unet", disc_mbstd=4, div_weight=1.0, div_tau=0.3)
+        return Config(arch="unet", disc_mbstd=4, es_weight=5.0)
     return Config(arch="mlp", z_dim=8, lr_g=5e-4, lr_d=1e-3, r1_gamma=0.005, lazy_reg=1,
                   train_steps=12000, batch_size=256, ema_decay=0.995, grad_clip=1.0, t_power=3.0,
                   input_features=64, input_scale=2.0, disc_input_features=64,
