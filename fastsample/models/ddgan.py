@@ -148,13 +148,10 @@ class Config:
                 < float("inf")):
             raise ValueError(f"ddgan Config.skip_sigma_data = {self.skip_sigma_data!r}; must be "
                              f">= 0 (0 = off)")
-        for name in ("div_weight", "div_tau", "es_weight"):
+        for name in ("div_weight", "div_tau", "es_weight", "tex_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
                 raise ValueError(f"ddgan Config.{name} = {v!r}; must be a number >= 0")
-        if isinstance(self.tex_weight, bool) or not isinstance(self.tex_weight, (int, float)) \
-                or not 0 <= self.tex_weight < float("inf"):
-            raise ValueError(f"ddgan Config.tex_weight = {self.tex_weight!r}; must be a number >= 0")
         if isinstance(self.tex_levels, bool) or not isinstance(self.tex_levels, int) \
                 or self.tex_levels < 2:
             raise ValueError(f"ddgan Config.tex_levels = {self.tex_levels!r}; must be an int >= 2")
